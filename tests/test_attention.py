@@ -1,0 +1,127 @@
+import copy
+
+import pytest
+import torch
+
+import danet.models.attention as attention_module
+from danet.models.attention import ChannelAttention, PositionAttention
+
+
+def _copy_of(module: PositionAttention, impl: str) -> PositionAttention:
+    other = copy.deepcopy(module)
+    other.impl = impl
+    return other
+
+
+@pytest.mark.parametrize("shape, reduction", [
+    ((2, 32, 7, 5), 8),     # non-square, odd sides
+    ((1, 16, 9, 13), 8),
+    ((3, 24, 4, 4), 8),
+    ((2, 16, 6, 11), 1),    # the paper's unreduced query/key
+    ((1, 64, 1, 3), 4),
+])
+@pytest.mark.parametrize("impl", ["fused", "chunked", "sdpa"])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_memory_saving_pam_matches_explicit_in_values_and_gradients(shape, reduction, impl, dtype, tolerance,
+                                                                     monkeypatch):
+    # small blocks, so the chunked kernel runs several of them and a ragged last one
+    monkeypatch.setattr(attention_module, "CHUNK_ELEMENTS", 2 * shape[0] * shape[2] * shape[3] + 1)
+    torch.manual_seed(0)
+    reference = PositionAttention(shape[1], reduction, impl="explicit").to(dtype)
+    torch.nn.init.constant_(reference.gamma, 0.7)
+    candidate = _copy_of(reference, impl)
+    x = torch.randn(shape, dtype=dtype)
+    grad = torch.randn(shape, dtype=dtype)
+
+    outputs, grads = [], []
+    for module in (reference, candidate):
+        inputs = x.clone().requires_grad_(True)
+        out = module(inputs)
+        out.backward(grad)
+        outputs.append(out)
+        grads.append([inputs.grad] + [p.grad for p in module.parameters()])
+
+    torch.testing.assert_close(outputs[1], outputs[0], atol=tolerance, rtol=tolerance)
+    for candidate_grad, reference_grad in zip(grads[1], grads[0]):
+        torch.testing.assert_close(candidate_grad, reference_grad, atol=tolerance, rtol=tolerance)
+
+
+def test_chunked_kernel_passes_gradcheck_in_float64():
+    torch.manual_seed(0)
+    q, k = (torch.randn(2, 11, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, 11, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(attention_module.chunked_attention, (q, k, v))
+
+
+@pytest.mark.parametrize("module", [PositionAttention(16, 8, "explicit"), PositionAttention(16, 8, "fused"),
+                                    ChannelAttention("code"), ChannelAttention("paper")])
+def test_zero_gamma_makes_attention_the_identity(module):
+    x = torch.randn(2, 16, 5, 7)
+    assert torch.equal(module(x), x)
+
+
+def test_pam_attention_is_the_unscaled_softmax_of_query_key_products():
+    torch.manual_seed(1)
+    module = PositionAttention(16, reduction=4, impl="explicit")
+    torch.nn.init.constant_(module.gamma, 1.0)
+    x = torch.randn(1, 16, 3, 4)
+    q = module.query(x).flatten(2)[0].T  # N, Cq
+    k = module.key(x).flatten(2)[0].T
+    v = module.value(x).flatten(2)[0].T  # N, C
+    expected = torch.softmax(q @ k.T, dim=-1) @ v  # no 1/sqrt(d)
+    torch.testing.assert_close(module(x) - x, expected.T.reshape(1, 16, 3, 4))
+    rows = module.attention_rows(x, torch.tensor([0, 5, 11]))
+    torch.testing.assert_close(rows[0], torch.softmax(q @ k.T, dim=-1)[[0, 5, 11]])
+
+
+def _softmax_rows(matrix: torch.Tensor) -> torch.Tensor:
+    shifted = matrix - matrix.max(dim=-1, keepdim=True).values
+    return shifted.exp() / shifted.exp().sum(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("energy", ["code", "paper"])
+def test_cam_energies_follow_their_formulas(energy):
+    torch.manual_seed(2)
+    module = ChannelAttention(energy)
+    torch.nn.init.constant_(module.gamma, 0.3)
+    x = torch.randn(2, 6, 4, 5, dtype=torch.float64)
+    flat = x.flatten(2)
+    gram = flat @ flat.transpose(1, 2)
+    if energy == "code":  # softmax(rowmax(E) - E) == softmax(-E)
+        expected_attention = _softmax_rows(gram.amax(-1, keepdim=True) - gram)
+        torch.testing.assert_close(expected_attention, _softmax_rows(-gram))
+    else:
+        expected_attention = _softmax_rows(gram)
+    attention = module.attention_matrix(flat)
+    torch.testing.assert_close(attention, expected_attention)
+    torch.testing.assert_close(module(x), 0.3 * (expected_attention @ flat).view_as(x) + x)
+
+
+def test_code_energy_favours_dissimilar_channels_and_paper_energy_similar_ones():
+    # channel 0 and 1 alike, channel 2 their opposite: E[0, 2] is the smallest entry of row 0
+    base = torch.randn(1, 1, 30)
+    flat = torch.cat([base, base * 0.9, -base], dim=1)
+    assert ChannelAttention("code").attention_matrix(flat)[0, 0].argmax() == 2
+    assert ChannelAttention("paper").attention_matrix(flat)[0, 0].argmax() == 0
+
+
+def test_cam_computes_in_float32_under_autocast():
+    torch.manual_seed(3)
+    module = ChannelAttention()
+    torch.nn.init.constant_(module.gamma, 0.5)
+    x = torch.randn(1, 8, 6, 6).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = module(x)
+    flat = x.float().flatten(2)
+    expected = (0.5 * (module.attention_matrix(flat) @ flat).view(x.shape) + x.float()).to(torch.bfloat16)
+    assert result.dtype == torch.bfloat16
+    assert torch.equal(result, expected)
+
+
+def test_bad_attention_arguments_name_the_argument_and_the_allowed_values():
+    with pytest.raises(ValueError, match=r"reduction must be a positive divisor of in_channels=12"):
+        PositionAttention(12, reduction=8)
+    with pytest.raises(ValueError, match=r"impl must be one of \['fused', 'explicit', 'chunked', 'sdpa'\]"):
+        PositionAttention(16, impl="flash")
+    with pytest.raises(ValueError, match=r"energy must be one of \['code', 'paper'\]"):
+        ChannelAttention("neg")
