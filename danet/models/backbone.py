@@ -134,9 +134,9 @@ class DilatedResNet(nn.Module):
         # "module." comes from DataParallel checkpoints; fc is the ImageNet classifier we dropped.
         state = {key.removeprefix("module."): value for key, value in state.items()}
         state = {key: value for key, value in state.items() if not key.startswith("fc.")}
-        result = self.load_state_dict(state, strict=False)
-        if len(result.missing_keys) == len(self.state_dict()):
+        if not set(state) & set(self.state_dict()):
             raise BackboneWeightsError("no backbone weight matched: is this a torchvision ResNet state dict?")
+        result = self.load_state_dict(state, strict=False)
         self.load_report = {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
         for kind, keys in self.load_report.items():
             if keys:
