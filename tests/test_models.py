@@ -74,7 +74,7 @@ def test_param_groups_split_backbone_and_heads_with_the_multiplier():
     assert groups[0]["lr"] == pytest.approx(0.01) and groups[1]["lr"] == pytest.approx(0.1)
     grouped = [id(p) for group in groups for p in group["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each exactly once
-    assert {id(p) for p in model.aux_head.parameters()} <= set(id(p) for p in groups[1]["params"])
+    assert {id(p) for p in model.aux_head.parameters()} <= {id(p) for p in groups[1]["params"]}
 
 
 def test_attention_maps_match_rows_of_the_full_attention():
