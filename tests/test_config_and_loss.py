@@ -34,7 +34,7 @@ def test_model_config_rejects_unknown_keys_and_wrong_types():
     ({"pam_impl": "flash"}, r"pam_impl must be one of \['fused', 'explicit', 'chunked', 'sdpa'\]"),
     ({"cam_energy": "neg"}, r"cam_energy must be one of \['code', 'paper'\]"),
     ({"pam_reduction": 0}, r"pam_reduction must be >= 1"),
-    ({"num_classes": 0}, r"num_classes must be >= 1"),
+    ({"num_classes": -1}, r"num_classes must be >= 0 \(0: from the dataset\)"),
     ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
     ({"loss_weight_cam": -1.0}, r"loss_weight_cam must be >= 0"),
 ])

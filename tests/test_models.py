@@ -103,3 +103,8 @@ def test_attention_maps_skip_switched_off_modules():
     model = build(_tiny_config(pam=False)).eval()
     maps = model.attention_maps(torch.randn(1, 3, 32, 32), [(1, 1)])
     assert "pam" not in maps and "cam" in maps
+
+
+def test_build_refuses_an_unresolved_class_count():
+    with pytest.raises(ValueError, match="num_classes must be set"):
+        build(ModelConfig(backbone="resnet18"))

@@ -17,6 +17,9 @@ __all__ = ["ChannelAttention", "DAHead", "DANet", "DilatedResNet", "FCNHead", "P
 
 def build(cfg: ModelConfig) -> DANet:
     """Map a ModelConfig to the plain constructor arguments of the parts and assemble DANet."""
+    if cfg.num_classes < 1:
+        raise ValueError("num_classes must be set (>= 1) to build a model; 0 means 'from the dataset' "
+                         "and is replaced when a run config is resolved")
     backbone = DilatedResNet(cfg.backbone, cfg.output_stride, cfg.multi_grid, cfg.weights)
     head = DAHead(backbone.channels["stage4"], cfg.num_classes, pam=cfg.pam, cam=cfg.cam, aux=cfg.aux,
                   pam_reduction=cfg.pam_reduction, pam_impl=cfg.pam_impl, cam_energy=cfg.cam_energy,

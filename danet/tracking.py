@@ -1,0 +1,180 @@
+"""Where a run reports: the RunStore (the source of truth that reports read) and W&B.
+
+The engine talks to a Tracker only; FanOut sends every event to several of them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from danet.config import RunConfig, dump_yaml
+
+STATUS_RUNNING, STATUS_COMPLETE, STATUS_FAILED = "running", "complete", "failed"
+
+
+class Tracker(Protocol):
+    def log(self, step: int, metrics: dict[str, Any]) -> None: ...
+
+    def log_predictions(self, step: int, samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                        class_names: tuple[str, ...]) -> None: ...
+
+    def finish(self, status: str, summary: dict[str, Any]) -> None: ...
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinity become null: JSON has no such numbers and readers choke on them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "summary.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+class RunStore:
+    """runs/<run-id>/: config.yaml, metrics.jsonl (one JSON object per event), summary.json,
+    checkpoints/. summary.json says running, complete or failed (with the reason)."""
+
+    def __init__(self, runs_dir: str | Path, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.dir = Path(runs_dir) / cfg.run_id()
+        self.checkpoint_dir = self.dir / "checkpoints"
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.summary: dict[str, Any] = {}
+
+    def exists(self) -> bool:
+        return (self.dir / "summary.json").exists()
+
+    def previous_summary(self) -> dict[str, Any] | None:
+        return read_summary(self.dir)
+
+    def start(self, info: dict[str, Any], resume_from_step: int | None) -> None:
+        """Write the config and a 'running' summary. On resume, drop events after the checkpoint."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.dir / "config.yaml", dump_yaml(self.cfg))
+        if resume_from_step is None:
+            atomic_write_text(self.metrics_path, "")
+        else:
+            self._truncate_after(resume_from_step)
+        self.summary = {"status": STATUS_RUNNING, "run_id": self.cfg.run_id(), "name": self.cfg.cell_name(),
+                        "cell_hash": self.cfg.cell_hash(), "started_at": time.time(), **info}
+        self._write_summary()
+
+    def _truncate_after(self, step: int) -> None:
+        kept = []
+        if self.metrics_path.exists():
+            for line in self.metrics_path.read_text().splitlines():
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short when the process died
+                if event.get("step", 0) <= step:
+                    kept.append(line)
+        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as file:
+            file.write(json.dumps(_json_safe({"step": step, "time": time.time(), **metrics})) + "\n")
+
+    def log_predictions(self, step, samples, class_names) -> None:
+        pass  # images belong in W&B; the record keeps numbers only
+
+    def update(self, **values: Any) -> None:
+        self.summary.update(values)
+        self._write_summary()
+
+    def finish(self, status: str, summary: dict[str, Any]) -> None:
+        self.summary.update(summary, status=status, finished_at=time.time())
+        self._write_summary()
+
+    def _write_summary(self) -> None:
+        atomic_write_text(self.dir / "summary.json", json.dumps(_json_safe(self.summary), indent=2) + "\n")
+
+
+class WandbSink:
+    """Mirrors the run to W&B. Inside a `wandb agent`, wandb.init joins the agent's run."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, resume_id: str | None = None) -> None:
+        import wandb  # imported here: runs with --wandb disabled never pay for it
+
+        self.wandb = wandb
+        tracking = cfg.tracking
+        self.run = wandb.init(
+            mode=tracking.wandb, project=tracking.wandb_project, entity=tracking.wandb_entity or None,
+            name=tracking.run_name or cfg.cell_name(), config=cfg.to_dict(), dir=str(run_dir),
+            group=tracking.study or None, id=resume_id, resume="allow" if resume_id else None,
+            tags=[cfg.data.dataset, cfg.model.backbone],
+        )
+        self.run.define_metric("val/mIoU", summary="max")
+        self.run.define_metric("final/mIoU", summary="last")
+
+    @property
+    def run_id(self) -> str:
+        return self.run.id
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        self.run.log({key: value for key, value in metrics.items() if value is not None}, step=step)
+
+    def log_predictions(self, step, samples, class_names) -> None:
+        labels = dict(enumerate(class_names)) | {255: "ignored"}
+        images = [self.wandb.Image(image, masks={"prediction": {"mask_data": prediction, "class_labels": labels},
+                                                 "ground_truth": {"mask_data": target, "class_labels": labels}})
+                  for image, prediction, target in samples]
+        self.run.log({"val/predictions": images}, step=step)
+
+    def finish(self, status: str, summary: dict[str, Any]) -> None:
+        for key in ("best_miou", "final_miou", "images_per_second", "peak_memory_mb", "wall_time_s"):
+            if summary.get(key) is not None:
+                self.run.summary[key] = summary[key]
+        self.run.finish(exit_code=0 if status == STATUS_COMPLETE else 1)
+
+
+class FanOut:
+    """Sends every event to each tracker in turn."""
+
+    def __init__(self, *trackers: Tracker) -> None:
+        self.trackers = list(trackers)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        for tracker in self.trackers:
+            tracker.log(step, metrics)
+
+    def log_predictions(self, step, samples, class_names) -> None:
+        for tracker in self.trackers:
+            tracker.log_predictions(step, samples, class_names)
+
+    def finish(self, status: str, summary: dict[str, Any]) -> None:
+        for tracker in self.trackers:
+            tracker.finish(status, summary)
