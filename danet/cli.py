@@ -23,9 +23,25 @@ from rich.console import Console
 from rich.table import Table
 
 from danet import data as datasets
-from danet.config import (OneLineErrorParser, RunConfig, UsageError, add_config_arguments, dump_yaml,
-                          explicit_settings, resolve_for_dataset, resolve_run_config)
-from danet.engine import NonFiniteLoss, batches_per_epoch, fit, load_checkpoint, peak_memory_mb, pick_device
+from danet.config import (
+    OneLineErrorParser,
+    RunConfig,
+    UsageError,
+    add_config_arguments,
+    dump_yaml,
+    explicit_settings,
+    resolve_for_dataset,
+    resolve_run_config,
+)
+from danet.engine import (
+    NonFiniteLoss,
+    batches_per_epoch,
+    fit,
+    load_checkpoint,
+    peak_memory_mb,
+    pick_device,
+    seed_everything,
+)
 from danet.models import build
 from danet.models.backbone import BackboneWeightsError
 from danet.tracking import STATUS_COMPLETE, STATUS_FAILED, FanOut, RunStore, WandbSink
@@ -130,6 +146,7 @@ def main(argv: list[str] | None = None, preset_dir: Path | None = None) -> int:
             print(dump_yaml(cfg), end="")
             return EXIT_OK
         device = pick_device(cfg.train.device)
+        seed_everything(cfg.train.seed)  # the initial weights depend on the seed only
         model = build(cfg.model)
     except (UsageError, ValueError, datasets.DataError, BackboneWeightsError) as error:
         return usage_error(one_line(error))

@@ -237,9 +237,9 @@ def attention_gammas(model: DANet) -> dict[str, float]:
     gammas = {}
     for module in model.modules():
         if isinstance(module, PositionAttention):
-            gammas["gamma/pam"] = float(module.gamma)
+            gammas["gamma/pam"] = module.gamma.item()
         elif isinstance(module, ChannelAttention):
-            gammas["gamma/cam"] = float(module.gamma)
+            gammas["gamma/cam"] = module.gamma.item()
     return gammas
 
 

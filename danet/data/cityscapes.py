@@ -23,6 +23,7 @@ class Cityscapes(FileDataset):
             listing = TorchvisionCityscapes(root, split=split, mode="fine", target_type="semantic")
         except (RuntimeError, ValueError) as error:
             raise DataError(f"Cityscapes {split!r} in {root}: {error}") from None
-        pairs = [(Path(image), Path(target[0])) for image, target in zip(listing.images, listing.targets)]
+        # sorted: torchvision lists the folders in os.listdir order, which differs between machines
+        pairs = sorted((Path(image), Path(target[0])) for image, target in zip(listing.images, listing.targets))
         lut = label_lut({label_id: TRAIN_IDS.get(label_id, 255) for label_id in LABEL_IDS})
         super().__init__(pairs, lut, len(CLASS_NAMES), CLASS_NAMES, transform, image_scale)

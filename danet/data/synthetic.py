@@ -1,11 +1,12 @@
 """A procedural dataset in which the right label needs context from far away in the image.
 
-Each image has mid-gray noise, a colored "key" frame along its border, and two or three objects (squares or discs, bright or dark) in the middle. An object's class is its
-brightness AND the key's color: bright/dark with a red key are classes 1/2, with a blue key 3/4;
-background (key included) is 0. Brightness is an easy local cue, but the objects look the same
-whatever the key, so local appearance alone is ambiguous (at best 50% right between the red and
-blue classes): a pixel's label needs the key, which lies at the border, 10 to 30 pixels away. That is
-the long-range dependency PAM is built to capture.
+Each image has mid-gray noise, a colored "key" frame along its border, and two or three objects
+(squares or discs, bright or dark) in the middle. An object's class is its brightness AND the
+key's color: bright/dark with a red key are classes 1/2, with a blue key 3/4; background (frame
+included) is 0. Brightness is an easy local cue, but the objects look the same whatever the key,
+so local appearance alone is ambiguous (at best 50% right between the red and blue classes): a
+pixel's label needs the key, which lies at the border, 10 to 30 pixels away. That is the
+long-range dependency PAM is built to capture.
 Everything is generated from (split, index): the same images for every run, no files.
 """
 

@@ -1,0 +1,73 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+PRESETS = REPO / "ablations" / "configs"
+
+
+def tiny_flags(runs_dir: Path, *extra: str) -> list[str]:
+    """A run that takes seconds on the CPU: ResNet-18, 32x32 synthetic images, a few iterations."""
+    return ["--backbone", "resnet18", "--synthetic-size", "32", "--crop-size", "32", "--batch-size", "2",
+            "--synthetic-train-images", "8", "--synthetic-val-images", "4", "--iterations", "4",
+            "--eval-every", "2", "--checkpoint-every", "2", "--log-every", "1", "--workers", "0",
+            "--eval-batch-size", "2", "--wandb", "disabled", "--quiet", "--runs-dir", str(runs_dir), *extra]
+
+
+def run_cli(argv: list[str]) -> int:
+    from danet.cli import main
+
+    return main(argv, preset_dir=PRESETS)
+
+
+def only_run_dir(runs_dir: Path) -> Path:
+    dirs = [path for path in runs_dir.iterdir() if path.is_dir()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def summary_of(runs_dir: Path) -> dict:
+    return json.loads((only_run_dir(runs_dir) / "summary.json").read_text())
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def random_pair(rng: np.random.Generator, height: int, width: int, values: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    label = rng.choice(np.array(values, dtype=np.uint8), size=(height, width))
+    return image, label
+
+
+@pytest.fixture
+def camvid_tree(tmp_path: Path) -> Path:
+    """CamVid in the SegNet layout: 11 classes, 11 = void; 48x64 images."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "camvid"
+    for split, count in (("train", 4), ("val", 2)):
+        for index in range(count):
+            image, label = random_pair(rng, 48, 64, list(range(12)))
+            write_png(root / split / f"{split}_{index:03d}.png", image)
+            write_png(root / f"{split}annot" / f"{split}_{index:03d}.png", label)
+    return root
+
+
+@pytest.fixture
+def cityscapes_tree(tmp_path: Path) -> Path:
+    """Cityscapes in the official layout with labelIds (0..33)."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "cityscapes"
+    for split, cities in (("train", ["aachen", "bochum"]), ("val", ["frankfurt"])):
+        for city in cities:
+            for index in range(2):
+                stem = f"{city}_{index:06d}_000019"
+                image, label = random_pair(rng, 32, 64, list(range(34)))
+                write_png(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", image)
+                write_png(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", label)
+    return root

@@ -1,0 +1,154 @@
+import dataclasses
+import typing
+
+import pytest
+import yaml
+from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+from danet.cli import build_parser
+from danet.config import (
+    FIELD_HELP,
+    SECTIONS,
+    RunConfig,
+    UsageError,
+    explicit_settings,
+    parse_float_list,
+    resolve_for_dataset,
+    resolve_run_config,
+)
+from tests.conftest import PRESETS, run_cli, tiny_flags
+
+
+def resolve(argv: list[str], environment: dict | None = None) -> RunConfig:
+    args = build_parser().parse_args(argv)
+    return resolve_run_config(args.config, explicit_settings(args), PRESETS, environment or {})
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--pam"], True), (["--no-pam"], False), (["--pam=True"], True), (["--pam=False"], False),
+    (["--pam=false"], False), (["--pam=TRUE"], True), (["--pam=1"], True), (["--pam=0"], False),
+    (["--pam", "False"], False), (["--no-pam=false"], True), ([], True),
+])
+def test_boolean_switches_accept_every_form(argv, expected):
+    assert resolve(argv).model.pam is expected
+
+
+def test_wandb_agent_arguments_reach_the_config():
+    # exactly what `wandb agent` renders for ${args}
+    params = {"pam": False, "cam": True, "output_stride": 16, "lr": 0.003, "eval_scales": [0.75, 1.0, 1.25],
+              "multi_grid": True, "aux": False}
+    argv = create_sweep_command_args({"args": {key: {"value": value} for key, value in params.items()}})["args"]
+    assert "--pam=False" in argv and "--eval_scales=[0.75, 1.0, 1.25]" in argv
+    cfg = resolve(argv)
+    assert (cfg.model.pam, cfg.model.cam, cfg.model.output_stride, cfg.model.multi_grid, cfg.model.aux) == (
+        False, True, 16, True, False)
+    assert cfg.train.lr == 0.003 and cfg.eval.eval_scales == (0.75, 1.0, 1.25)
+
+
+def test_presets_then_flags_override_defaults():
+    cfg = resolve(["--config", "demo", "--lr", "0.5"])
+    assert cfg.model.backbone == "resnet18"  # from the preset
+    assert cfg.train.lr == 0.5  # from the flag
+    assert cfg.model.pam_reduction == 8  # from the defaults
+
+
+def test_every_config_field_is_a_documented_flag():
+    help_text = build_parser().format_help()
+    for section in SECTIONS.values():
+        for field in dataclasses.fields(section):
+            assert f"--{field.name.replace('_', '-')}" in help_text
+            assert field.name in FIELD_HELP
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--pamm"], "unrecognized arguments: --pamm"),
+    (["--no-pa"], "unrecognized arguments: --no-pa"),  # no abbreviations
+    (["--pam=maybe"], "argument --pam/--no-pam: expected one of"),
+    (["--output-stride", "four"], "argument --output-stride"),
+])
+def test_bad_flags_are_one_line_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--no-pam", "--pam-reduction", "1"], "--pam-reduction needs --pam"),
+    (["--no-aux", "--loss-weight-cam", "0.5"], "--loss-weight-cam needs --cam and --aux"),
+    (["--scale-min", "0.5"], "--scale-min needs --random-scale"),
+    (["--eval-window", "1024"], "--eval-window needs --eval-mode slide"),
+    (["--output-stride", "4"], "output_stride must be one of [8, 16, 32], got 4"),
+    (["--config", "nonexistent"], "--config nonexistent: no such preset or file (presets: "),
+])
+def test_impossible_settings_are_usage_errors(argv, message):
+    with pytest.raises(UsageError) as error:
+        resolve(argv)
+    assert message in str(error.value)
+
+
+def test_usage_errors_exit_2_with_one_line_through_the_cli(tmp_path, capsys):
+    assert run_cli(tiny_flags(tmp_path, "--no-pam", "--pam-impl", "explicit")) == 2
+    error = capsys.readouterr().err
+    assert error.strip() == "ablations/run.py: error: --pam-impl needs --pam"
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_data_root_comes_from_the_environment_for_real_datasets():
+    cfg = resolve(["--dataset", "camvid"], environment={"DANET_DATA": "/somewhere/camvid"})
+    assert cfg.data.data_root == "/somewhere/camvid"
+    assert resolve([], environment={"DANET_DATA": "/x"}).data.data_root == ""  # synthetic needs none
+
+
+def test_num_classes_is_taken_from_the_dataset_or_must_agree():
+    cfg = resolve([])
+    assert resolve_for_dataset(cfg, 5, 10).model.num_classes == 5
+    with pytest.raises(UsageError, match="--num-classes 19 contradicts dataset synthetic, which has 5 classes"):
+        resolve_for_dataset(resolve(["--num-classes", "19"]), 5, 10)
+    assert resolve_for_dataset(resolve(["--epochs", "3"]), 5, 10).train.iterations == 30
+
+
+def test_cell_identity_ignores_paths_devices_and_tracking():
+    base = resolve([])
+    moved = resolve(["--runs-dir", "elsewhere", "--device", "cpu", "--workers", "0", "--wandb", "online", "--quiet"])
+    assert base.cell_hash() == moved.cell_hash() and base.run_id() == moved.run_id()
+    assert resolve(["--seed", "1"]).cell_hash() != base.cell_hash()
+    assert resolve(["--no-cam"]).run_id().startswith("danet_r18-d8_pam_synthetic_s0-")
+    assert resolve(["--no-cam", "--no-pam"]).cell_name() == "danet_r18-d8_fcn_synthetic_s0"
+
+
+def test_float_lists_accept_the_forms_people_and_agents_write():
+    assert parse_float_list("0.5,0.75") == [0.5, 0.75]
+    assert parse_float_list("[0.5, 1.0, 2]") == [0.5, 1.0, 2.0]
+    assert parse_float_list("1.0") == [1.0]
+
+
+def test_print_config_shows_the_resolved_config(tmp_path, capsys):
+    assert run_cli(tiny_flags(tmp_path, "--print-config", "--no-cam")) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["cam"] is False and printed["model"]["num_classes"] == 5
+    assert RunConfig.from_dict(printed).model.num_classes == 5
+    assert not any(tmp_path.iterdir()) if tmp_path.exists() else True
+
+
+def test_dry_run_builds_everything_and_writes_nothing(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert run_cli(tiny_flags(runs, "--dry-run")) == 0
+    assert "M parameters" in capsys.readouterr().err
+    assert not runs.exists()
+
+
+def test_presets_load_and_validate():
+    for preset in sorted(PRESETS.glob("*.yaml")):
+        args = build_parser().parse_args(["--config", preset.stem])
+        cfg = resolve_run_config(args.config, explicit_settings(args), PRESETS, {})
+        assert isinstance(cfg, RunConfig), preset
+    names = {path.stem for path in PRESETS.glob("*.yaml")}
+    assert {"demo", "camvid_cpu", "camvid", "cityscapes_table1", "cityscapes_table2", "voc"} <= names
+
+
+def test_config_field_types_are_supported():
+    for section in SECTIONS.values():
+        for kind in typing.get_type_hints(section).values():
+            assert kind in (bool, int, float, str) or typing.get_origin(kind) is tuple
