@@ -1,20 +1,29 @@
 """Benchmarks that print numbers (never timed tests).
 
     python -m danet.bench attention [--sizes 32 64 96] [--batch 2] [--channels 512] [--device cpu]
+    python -m danet.bench data [--data-root CAMVID] [--images 64] [--workers 0 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from rich.console import Console
 from rich.table import Table
+from torch.utils.data import DataLoader
 
+from danet.config import DataConfig
+from danet.data import build as build_data
+from danet.engine import SeededBatchSampler
 from danet.models.attention import PositionAttention, fused_impl_for
 
 BENCH_IMPLS = ("explicit", "sdpa", "chunked")
@@ -96,6 +105,44 @@ def bench_attention(args: argparse.Namespace) -> None:
     console.print(table)
 
 
+def _fake_camvid(root: Path, count: int) -> None:
+    """Random 360x480 images and labels in the SegNet layout, when no real CamVid is at hand."""
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        for folder, array in (("train", rng.integers(0, 256, (360, 480, 3), dtype=np.uint8)),
+                              ("trainannot", rng.integers(0, 12, (360, 480), dtype=np.uint8))):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(root / folder / f"{index:04d}.png")
+    for folder in ("val", "valannot"):
+        (root / folder).mkdir(exist_ok=True)
+
+
+def bench_data(args: argparse.Namespace) -> None:
+    console = Console()
+    root = args.data_root or os.environ.get("DANET_DATA", "")
+    with tempfile.TemporaryDirectory() as scratch:
+        source = f"CamVid at {root}"
+        if not root:
+            root, source = scratch, f"{args.images} generated CamVid-sized images (360x480 PNG)"
+            _fake_camvid(Path(scratch), args.images)
+        cfg = DataConfig(dataset="camvid", data_root=root, val_split="train", crop_size=args.crop_size,
+                         random_scale=True, scale_min=0.5, scale_max=2.0, batch_size=8)
+        dataset = build_data(cfg).train
+        table = Table(title=f"training pipeline (decode PNG, random scale 0.5-2, pad, crop {args.crop_size}, "
+                            f"flip, normalize, collate) on {source}")
+        for column in ("workers", "images / s", "images / s per worker"):
+            table.add_column(column, justify="right")
+        for workers in args.workers:
+            batches = max(1, args.images // cfg.batch_size)
+            sampler = SeededBatchSampler(len(dataset), cfg.batch_size, seed=0, start=0, stop=batches)
+            loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers)
+            start = time.perf_counter()
+            count = sum(images.shape[0] for images, _ in loader)
+            rate = count / (time.perf_counter() - start)
+            table.add_row(str(workers), f"{rate:.1f}", f"{rate / max(workers, 1):.1f}")
+        console.print(table)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m danet.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -109,6 +156,14 @@ def main(argv: list[str] | None = None) -> None:
     attention.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     attention.add_argument("--repeats", type=int, default=3, help="timed repeats, median reported (default: 3)")
     attention.set_defaults(run=bench_attention)
+    data = commands.add_parser("data", help="training data pipeline throughput on CamVid-sized images")
+    data.add_argument("--data-root", default=None,
+                      help="a CamVid folder (default: DANET_DATA, else generated CamVid-sized images)")
+    data.add_argument("--images", type=int, default=64, help="images to load per measurement (default: 64)")
+    data.add_argument("--crop-size", type=int, default=352, help="training crop (default: 352)")
+    data.add_argument("--workers", type=int, nargs="+", default=[0, 2],
+                      help="DataLoader worker counts to measure; 0 = in the main process (default: 0 2)")
+    data.set_defaults(run=bench_data)
     args = parser.parse_args(argv)
     args.run(args)
 
