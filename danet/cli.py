@@ -47,6 +47,8 @@ from danet.models.backbone import BackboneWeightsError
 from danet.tracking import STATUS_COMPLETE, STATUS_FAILED, FanOut, RunStore, WandbSink
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# the reports tool of a source checkout (it reads records; the library does not need it)
+REPORTS_SCRIPT = Path(__file__).resolve().parents[1] / "reports" / "make_tables.py"
 LIBRARIES = ("torch", "torchvision", "albumentations", "numpy", "wandb", "optuna")
 
 
@@ -124,7 +126,9 @@ def print_summary(console: Console, cfg: RunConfig, summary: dict[str, Any], cla
         value = summary.get("per_class_iou", {}).get(name)
         table.add_row(f"  IoU {name}", "absent" if value is None else f"{value:.4f}")
     console.print(table)
-    console.print(f"record: {run_dir}\nmake tables: python reports/make_tables.py --runs-dir {run_dir.parent}")
+    console.print(f"record: {run_dir} (summary.json: the numbers above; metrics.jsonl: the curves)")
+    if REPORTS_SCRIPT.exists():
+        console.print(f"tables: python reports/make_tables.py --runs-dir {run_dir.parent}")
 
 
 def main(argv: list[str] | None = None, preset_dir: Path | None = None) -> int:
