@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from danet.config import EvalConfig, RunConfig
 from danet.data import DataBundle
+from danet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from danet.losses import SegmentationLoss
 from danet.metrics import ConfusionMatrix, SegmentationScores
 from danet.models import DANet
@@ -147,8 +148,6 @@ def predict_probabilities(model: DANet, images: torch.Tensor, protocol: EvalConf
 
 
 def _denormalize(image: torch.Tensor) -> np.ndarray:
-    from danet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     return ((image.cpu().float() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
 
