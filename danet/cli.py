@@ -14,9 +14,10 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from rich.console import Console
@@ -35,6 +36,7 @@ from danet.config import (
 )
 from danet.engine import (
     NonFiniteLoss,
+    StopRun,
     batches_per_epoch,
     fit,
     load_checkpoint,
@@ -42,11 +44,13 @@ from danet.engine import (
     pick_device,
     seed_everything,
 )
-from danet.models import build
+from danet.grids import grid_cell, load_grid
+from danet.models import DANet, build
 from danet.models.backbone import BackboneWeightsError
-from danet.tracking import STATUS_COMPLETE, STATUS_FAILED, FanOut, RunStore, WandbSink
+from danet.tracking import STATUS_COMPLETE, STATUS_FAILED, FanOut, RunStore, WandbSink, find_complete, read_summary
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+DEFAULT_PRESET = "demo"
 # the reports tool of a source checkout (it reads records; the library does not need it)
 REPORTS_SCRIPT = Path(__file__).resolve().parents[1] / "reports" / "make_tables.py"
 LIBRARIES = ("torch", "torchvision", "albumentations", "numpy", "wandb", "optuna")
@@ -63,13 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "preset (--config), then these flags. Boolean switches take --pam, --no-pam or --pam=true|false.",
         epilog="Records go to RUNS_DIR/<run-id>/ (config.yaml, metrics.jsonl, summary.json, checkpoints/); "
                "python reports/make_tables.py turns them into tables.")
-    parser.add_argument("--config", default="demo", metavar="PRESET",
+    parser.add_argument("--config", default=None, metavar="PRESET",
                         help="preset name from ablations/configs/ or a YAML file (default: demo, CPU + synthetic data)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("--dry-run", action="store_true", help="build data and model, print what would run, exit")
     parser.add_argument("--resume", action="store_true",
                         help="continue this run (same config) from its last checkpoint; a complete run is left as is")
     parser.add_argument("--overwrite", action="store_true", help="delete this run's earlier record and start over")
+    parser.add_argument("--grid", metavar="GRID",
+                        help="an ablation grid from ablations/grids/ (or a YAML file); needs --cell")
+    parser.add_argument("--cell", metavar="ID", help="the grid cell to run, e.g. pam-cam_seed=0 (its preset and settings)")
     add_config_arguments(parser)
     return parser
 
@@ -131,55 +138,79 @@ def print_summary(console: Console, cfg: RunConfig, summary: dict[str, Any], cla
         console.print(f"tables: python reports/make_tables.py --runs-dir {run_dir.parent}")
 
 
-def main(argv: list[str] | None = None, preset_dir: Path | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    console = Console(stderr=True)
-    prog = parser.prog
+@dataclass
+class Outcome:
+    """What became of a run: status complete, failed, skipped (a complete record exists) or busy
+    (another process holds it), with the exit status the command line should give."""
 
-    def usage_error(message: str) -> int:
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
+    status: str
+    exit_code: int
+    summary: dict[str, Any]
+    run_dir: Path
+    message: str = ""
 
-    try:
-        cfg = resolve_run_config(args.config, explicit_settings(args), preset_dir or Path("ablations/configs"),
-                                 dict(os.environ))
-        data = datasets.build(cfg.data)
-        cfg = resolve_for_dataset(cfg, data.num_classes, batches_per_epoch(len(data.train), cfg.data.batch_size))
-        if args.print_config:
-            print(dump_yaml(cfg), end="")
-            return EXIT_OK
-        device = pick_device(cfg.train.device)
-        seed_everything(cfg.train.seed)  # the initial weights depend on the seed only
-        model = build(cfg.model)
-    except (UsageError, ValueError, datasets.DataError, BackboneWeightsError) as error:
-        return usage_error(one_line(error))
 
+@dataclass
+class Prepared:
+    cfg: RunConfig  # resolved for the dataset
+    data: datasets.DataBundle
+    model: DANet
+    device: torch.device
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Build the data and the model; settle what the dataset decides. Raises usage-type errors."""
+    data = datasets.build(cfg.data)
+    cfg = resolve_for_dataset(cfg, data.num_classes, batches_per_epoch(len(data.train), cfg.data.batch_size))
+    device = pick_device(cfg.train.device)
+    seed_everything(cfg.train.seed)  # the initial weights depend on the seed only
+    return Prepared(cfg, data, build(cfg.model), device)
+
+
+def run_cell(prepared: Prepared, *, resume: bool, overwrite: bool = False, extra_trackers: tuple = (),
+             on_eval: Callable[[int, float], None] | None = None, console: Console | None = None) -> Outcome:
+    """Train and evaluate one cell with its record, exactly once per resolved config.
+
+    With `resume`, a complete record of the same config anywhere under the runs folder means
+    nothing to do, and a partial one is continued from its last checkpoint. A run folder is held
+    by one process at a time (a lock file), so two workers given the same cell cannot both train it.
+    """
+    cfg = prepared.cfg
+    console = console or Console(stderr=True)
     store = RunStore(cfg.tracking.runs_dir, cfg)
-    if args.dry_run:
-        parameters = sum(p.numel() for p in model.parameters())
-        console.print(f"{cfg.cell_name()}: {parameters / 1e6:.2f} M parameters, {len(data.train)} train / "
-                      f"{len(data.val)} val images, {cfg.train.iterations} iterations on {device}; record: {store.dir}")
-        return EXIT_OK
+    if resume:
+        done = find_complete(cfg.tracking.runs_dir, cfg.cell_hash())
+        if done is not None:
+            return Outcome("skipped", EXIT_OK, read_summary(done) or {}, done,
+                           f"run {done} is already complete (same config)")
+    lock = store.lock()
+    if lock is None:
+        return Outcome("busy", EXIT_USAGE, {}, store.dir, f"run {store.dir} is being trained by another process")
+    with lock:
+        return _train_locked(store, prepared, resume, overwrite, extra_trackers, on_eval, console)
 
+
+def _train_locked(store: RunStore, prepared: Prepared, resume: bool, overwrite: bool, extra_trackers: tuple,
+                  on_eval, console: Console) -> Outcome:
+    cfg, data, model, device = prepared.cfg, prepared.data, prepared.model, prepared.device
     checkpoint = None
     previous = store.previous_summary()
     if previous is not None:
-        if args.overwrite:
+        if overwrite:
             shutil.rmtree(store.dir)
-        elif not args.resume:
-            return usage_error(f"run {store.dir} exists ({previous.get('status')}): pass --resume to continue it "
-                               "or --overwrite to start over")
+        elif not resume:
+            return Outcome("exists", EXIT_USAGE, previous, store.dir,
+                           f"run {store.dir} exists ({previous.get('status')}): pass --resume to continue it "
+                           "or --overwrite to start over")
         elif previous.get("status") == STATUS_COMPLETE:
-            console.print(f"run {store.dir} is already complete (final val mIoU {previous.get('final_miou')})")
-            return EXIT_OK
+            return Outcome("skipped", EXIT_OK, previous, store.dir, f"run {store.dir} is already complete")
         elif (store.checkpoint_dir / "last.pt").exists():
             checkpoint = load_checkpoint(store.checkpoint_dir / "last.pt")
     resume_step = checkpoint["iteration"] if checkpoint else None
 
     info = environment_info(cfg, device)
     store.start(info, resume_from_step=resume_step)
-    trackers = [store]
+    trackers = [store, *extra_trackers]
     try:
         if cfg.tracking.wandb != "disabled":
             sink = WandbSink(cfg, store.dir, resume_id=(previous or {}).get("wandb_id") if checkpoint else None)
@@ -196,7 +227,7 @@ def main(argv: list[str] | None = None, preset_dir: Path | None = None) -> int:
     started = time.perf_counter()
     status, exit_code, summary = STATUS_FAILED, EXIT_FAILED, {}
     try:
-        result = fit(cfg, model, data, tracker, store.checkpoint_dir, resume=checkpoint)
+        result = fit(cfg, model, data, tracker, store.checkpoint_dir, resume=checkpoint, on_eval=on_eval)
         final = result.final
         summary = {
             "final_miou": final.miou, "best_miou": result.best_miou, "final_pixel_accuracy": final.pixel_accuracy,
@@ -212,6 +243,8 @@ def main(argv: list[str] | None = None, preset_dir: Path | None = None) -> int:
         summary, exit_code = {"reason": one_line(error)}, EXIT_USAGE
     except (KeyboardInterrupt, Terminated) as error:
         summary = {"reason": f"{one_line(error) if str(error) else 'interrupted'}; continue with --resume"}
+    except StopRun as error:  # a sweep driver stopped it (pruning): a legitimate end, not a crash
+        summary = {"reason": str(error)}
     except Exception as error:
         traceback.print_exc()
         summary = {"reason": f"{error.__class__.__name__}: {one_line(error)}"}
@@ -220,11 +253,59 @@ def main(argv: list[str] | None = None, preset_dir: Path | None = None) -> int:
         summary |= {"wall_time_s": time.perf_counter() - started, "peak_memory_mb": peak_memory_mb(device),
                     "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS"}
         tracker.finish(status, summary)
+    message = "" if status == STATUS_COMPLETE else f"run failed: {summary['reason']} (record: {store.dir})"
+    return Outcome(status, exit_code, store.summary, store.dir, message)
 
-    if status != STATUS_COMPLETE:
-        print(f"{prog}: run failed: {summary['reason']} (record: {store.dir})", file=sys.stderr)
-        return exit_code
+
+def config_from_args(args: argparse.Namespace, preset_dir: Path, environment: dict[str, str]) -> RunConfig:
+    """The run config a command line asks for: preset (or grid cell), then flags."""
+    preset, cell = args.config or DEFAULT_PRESET, None
+    if args.grid or args.cell:
+        if not (args.grid and args.cell):
+            raise UsageError("--grid and --cell go together")
+        if args.config:
+            raise UsageError("--config with --grid: the grid names its preset")
+        grid = load_grid(args.grid, preset_dir.parent / "grids")
+        preset, cell = grid.preset, grid_cell(grid, args.cell)
+    return resolve_run_config(preset, explicit_settings(args), preset_dir, environment, cell)
+
+
+def main(argv: list[str] | None = None, preset_dir: Path | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    console = Console(stderr=True)
+    prog = parser.prog
+    preset_dir = preset_dir or Path("ablations/configs")
+
+    def usage_error(message: str) -> int:
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+    try:
+        prepared = prepare(config_from_args(args, preset_dir, dict(os.environ)))
+    except (UsageError, ValueError, datasets.DataError, BackboneWeightsError) as error:
+        return usage_error(one_line(error))
+    cfg = prepared.cfg
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return EXIT_OK
+    if args.dry_run:
+        parameters = sum(p.numel() for p in prepared.model.parameters())
+        console.print(f"{cfg.cell_name()}: {parameters / 1e6:.2f} M parameters, {len(prepared.data.train)} train / "
+                      f"{len(prepared.data.val)} val images, {cfg.train.iterations} iterations on {prepared.device}; "
+                      f"record: {RunStore(cfg.tracking.runs_dir, cfg).dir}")
+        return EXIT_OK
+
+    outcome = run_cell(prepared, resume=args.resume, overwrite=args.overwrite, console=console)
+    if outcome.status in ("exists", "busy"):
+        return usage_error(outcome.message)
+    if outcome.status == "skipped":
+        console.print(outcome.message)
+        return EXIT_OK
+    if outcome.status != STATUS_COMPLETE:
+        print(f"{prog}: {outcome.message}", file=sys.stderr)
+        return outcome.exit_code
     if not cfg.tracking.quiet:
-        print_summary(console, cfg, store.summary, data.class_names, store.dir)
-    print(f"final val mIoU {summary['final_miou']:.4f}  record: {store.dir}")
+        print_summary(console, cfg, outcome.summary, prepared.data.class_names, outcome.run_dir)
+    print(f"final val mIoU {outcome.summary['final_miou']:.4f}  record: {outcome.run_dir}")
     return EXIT_OK

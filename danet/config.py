@@ -453,9 +453,26 @@ def check_combinations(cfg: RunConfig, explicit: dict[str, dict[str, Any]]) -> N
             raise UsageError(f"--{name.replace('_', '-')} {reason}")
 
 
+def field_section(name: str) -> str:
+    """The section that holds a config field (field names are unique across sections)."""
+    for section_name, section in SECTIONS.items():
+        if name in {field.name for field in dataclasses.fields(section)}:
+            return section_name
+    raise UsageError(f"unknown config field {name!r}")
+
+
+def sectioned(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{field: value} (the form of grids and sweeps) as {section: {field: value}}."""
+    settings: dict[str, dict[str, Any]] = {}
+    for name, value in flat.items():
+        settings.setdefault(field_section(name), {})[name] = value
+    return settings
+
+
 def resolve_run_config(preset: str | None, explicit: dict[str, dict[str, Any]], preset_dir: Path,
-                       environment: dict[str, str]) -> RunConfig:
-    """Defaults, then the preset YAML (a name in preset_dir or a path), then the command line."""
+                       environment: dict[str, str], cell: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults, then the preset YAML (a name in preset_dir or a path), then a grid cell's
+    settings ({field: value}), then the command line."""
     settings: dict[str, dict[str, Any]] = {}
     if preset:
         path = Path(preset) if Path(preset).suffix in (".yaml", ".yml") else preset_dir / f"{preset}.yaml"
@@ -463,7 +480,7 @@ def resolve_run_config(preset: str | None, explicit: dict[str, dict[str, Any]], 
             names = sorted(p.stem for p in preset_dir.glob("*.yaml"))
             raise UsageError(f"--config {preset}: no such preset or file (presets: {', '.join(names)})")
         settings = load_yaml(path)
-    settings = merge(settings, explicit)
+    settings = merge(merge(settings, sectioned(cell or {})), explicit)
     data = settings.setdefault("data", {})
     if data.get("dataset", "synthetic") != "synthetic" and not data.get("data_root"):
         data["data_root"] = environment.get("DANET_DATA", "")

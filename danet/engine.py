@@ -44,6 +44,10 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite: the run stops and is recorded as failed."""
 
 
+class StopRun(Exception):
+    """Raised by an `on_eval` hook to end a run early (a sweep driver pruning it)."""
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

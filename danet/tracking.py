@@ -5,6 +5,7 @@ The engine talks to a Tracker only; FanOut sends every event to several of them.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -63,6 +64,28 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+def find_complete(runs_dir: str | Path, cell_hash: str) -> Path | None:
+    """A run folder under runs_dir whose complete record has this cell hash, whatever its name."""
+    for summary_path in sorted(Path(runs_dir).glob("*/summary.json")):
+        summary = read_summary(summary_path.parent)
+        if summary and summary.get("status") == STATUS_COMPLETE and summary.get("cell_hash") == cell_hash:
+            return summary_path.parent
+    return None
+
+
+class RunLock:
+    """An exclusive lock on one run, released when the holder exits or dies (flock)."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.handle.close()
+
+
 class RunStore:
     """runs/<run-id>/: config.yaml, metrics.jsonl (one JSON object per event), summary.json,
     checkpoints/. summary.json says running, complete or failed (with the reason)."""
@@ -74,8 +97,17 @@ class RunStore:
         self.metrics_path = self.dir / "metrics.jsonl"
         self.summary: dict[str, Any] = {}
 
-    def exists(self) -> bool:
-        return (self.dir / "summary.json").exists()
+    def lock(self) -> RunLock | None:
+        """Hold this run for this process, or None when another process holds it."""
+        path = self.dir.parent / ".locks" / f"{self.dir.name}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return None
+        return RunLock(handle)
 
     def previous_summary(self) -> dict[str, Any] | None:
         return read_summary(self.dir)

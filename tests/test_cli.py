@@ -5,23 +5,20 @@ import pytest
 import yaml
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
-from danet.cli import build_parser
+from danet.cli import build_parser, config_from_args
 from danet.config import (
     FIELD_HELP,
     SECTIONS,
     RunConfig,
     UsageError,
-    explicit_settings,
     parse_float_list,
     resolve_for_dataset,
-    resolve_run_config,
 )
 from tests.conftest import PRESETS, run_cli, tiny_flags
 
 
 def resolve(argv: list[str], environment: dict | None = None) -> RunConfig:
-    args = build_parser().parse_args(argv)
-    return resolve_run_config(args.config, explicit_settings(args), PRESETS, environment or {})
+    return config_from_args(build_parser().parse_args(argv), PRESETS, environment or {})
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -141,9 +138,7 @@ def test_dry_run_builds_everything_and_writes_nothing(tmp_path, capsys):
 
 def test_presets_load_and_validate():
     for preset in sorted(PRESETS.glob("*.yaml")):
-        args = build_parser().parse_args(["--config", preset.stem])
-        cfg = resolve_run_config(args.config, explicit_settings(args), PRESETS, {})
-        assert isinstance(cfg, RunConfig), preset
+        assert isinstance(resolve(["--config", preset.stem]), RunConfig), preset
     names = {path.stem for path in PRESETS.glob("*.yaml")}
     assert {"demo", "camvid_cpu", "camvid", "cityscapes_table1", "cityscapes_table2", "voc"} <= names
 

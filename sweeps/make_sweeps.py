@@ -1,0 +1,53 @@
+"""Write the W&B sweep files from the grids, so the grids stay the one definition.
+
+    python sweeps/make_sweeps.py          # rewrites sweeps/<grid>.yaml for every ablations/grids/*.yaml
+
+Each grid becomes a `method: grid` sweep over one parameter, `cell`, whose values are the grid's
+cell ids (a W&B grid is a plain product and cannot tie settings such as lr to the PAM+CAM cell);
+run.py turns `--grid NAME --cell ID` into the cell's preset and settings. The agent command adds
+`--resume`, so a cell whose complete record exists is skipped and a crashed one continues.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from danet.grids import load_grid  # noqa: E402
+
+GRID_DIR = REPO / "ablations" / "grids"
+SWEEP_DIR = REPO / "sweeps"
+COMMAND = ["${env}", "${interpreter}", "${program}", "--resume", "--quiet", "${args}"]
+
+
+def sweep_for_grid(name: str) -> dict:
+    grid = load_grid(name, GRID_DIR)
+    return {
+        "name": f"danet-{grid.name}",
+        "description": f"Generated from ablations/grids/{grid.name}.yaml by sweeps/make_sweeps.py: do not edit.",
+        "program": "ablations/run.py",
+        "method": "grid",
+        "metric": {"name": "val/mIoU", "goal": "maximize"},
+        "parameters": {"grid": {"value": grid.name}, "cell": {"values": list(grid.cells)}},
+        "command": COMMAND,
+    }
+
+
+def render(sweep: dict) -> str:
+    return yaml.safe_dump(sweep, sort_keys=False, width=120)
+
+
+def main() -> None:
+    for path in sorted(GRID_DIR.glob("*.yaml")):
+        target = SWEEP_DIR / f"{path.stem}.yaml"
+        target.write_text(render(sweep_for_grid(path.stem)))
+        print(f"wrote {target.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
