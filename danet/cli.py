@@ -47,7 +47,16 @@ from danet.engine import (
 from danet.grids import grid_cell, load_grid
 from danet.models import DANet, build
 from danet.models.backbone import BackboneWeightsError
-from danet.tracking import STATUS_COMPLETE, STATUS_FAILED, FanOut, RunStore, WandbSink, find_complete, read_summary
+from danet.tracking import (
+    STATUS_COMPLETE,
+    STATUS_FAILED,
+    STATUS_PRUNED,
+    FanOut,
+    RunStore,
+    WandbSink,
+    find_complete,
+    read_summary,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_PRESET = "demo"
@@ -244,7 +253,7 @@ def _train_locked(store: RunStore, prepared: Prepared, resume: bool, overwrite: 
     except (KeyboardInterrupt, Terminated) as error:
         summary = {"reason": f"{one_line(error) if str(error) else 'interrupted'}; continue with --resume"}
     except StopRun as error:  # a sweep driver stopped it (pruning): a legitimate end, not a crash
-        summary = {"reason": str(error)}
+        status, exit_code, summary = STATUS_PRUNED, EXIT_OK, {"reason": str(error)}
     except Exception as error:
         traceback.print_exc()
         summary = {"reason": f"{error.__class__.__name__}: {one_line(error)}"}
@@ -253,7 +262,7 @@ def _train_locked(store: RunStore, prepared: Prepared, resume: bool, overwrite: 
         summary |= {"wall_time_s": time.perf_counter() - started, "peak_memory_mb": peak_memory_mb(device),
                     "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS"}
         tracker.finish(status, summary)
-    message = "" if status == STATUS_COMPLETE else f"run failed: {summary['reason']} (record: {store.dir})"
+    message = "" if status == STATUS_COMPLETE else f"run {status}: {summary['reason']} (record: {store.dir})"
     return Outcome(status, exit_code, store.summary, store.dir, message)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from danet.config import RunConfig, dump_yaml
 
-STATUS_RUNNING, STATUS_COMPLETE, STATUS_FAILED = "running", "complete", "failed"
+STATUS_RUNNING, STATUS_COMPLETE, STATUS_FAILED, STATUS_PRUNED = "running", "complete", "failed", "pruned"
 
 
 class Tracker(Protocol):

@@ -1,0 +1,174 @@
+"""Optuna studies over the ablation grids (GridSampler) and hyper-parameter searches (TPE + pruner).
+
+Exactly-once comes from the records, not from Optuna (SWEEPS.md): a trial resolves its cell's
+config and calls `run_cell(resume=True)`, which skips a config whose complete record exists,
+continues a partial one, and holds a lock so that a cell GridSampler hands to two workers is
+trained by one of them while the other waits for its result.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+from optuna.storages.journal import JournalFileBackend
+from rich.console import Console
+
+from danet.cli import prepare, run_cell
+from danet.config import RunConfig, UsageError, merge, resolve_run_config
+from danet.engine import StopRun
+from danet.grids import load_grid
+from danet.tracking import STATUS_COMPLETE
+
+BUSY_POLL_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """What a worker needs to build a trial's config."""
+
+    mode: str  # "grid" or "search"
+    name: str  # grid or search name
+    preset: str
+    space: dict[str, Any]  # grid: {"cell": [ids]}; search: {param: optuna distribution or fixed value}
+    cells: dict[str, dict[str, Any]]  # grid cells; empty for searches
+
+
+def grid_spec(grid_name: str, grid_dir: Path) -> StudySpec:
+    grid = load_grid(grid_name, grid_dir)
+    return StudySpec("grid", grid.name, grid.preset, {"cell": list(grid.cells)}, grid.cells)
+
+
+def search_spec(search_path: Path) -> StudySpec:
+    """A search space from a W&B sweep file (the same file W&B agents use)."""
+    if not search_path.is_file():
+        raise UsageError(f"--search {search_path}: no such file")
+    sweep = yaml.safe_load(search_path.read_text())
+    space: dict[str, Any] = {}
+    preset = "demo"
+    for name, spec in sweep["parameters"].items():
+        if "value" in spec:
+            if name == "config":
+                preset = spec["value"]
+            else:
+                space[name] = spec["value"]
+        elif "values" in spec:
+            space[name] = optuna.distributions.CategoricalDistribution(spec["values"])
+        elif spec.get("distribution") in ("log_uniform_values", "uniform"):
+            space[name] = optuna.distributions.FloatDistribution(
+                spec["min"], spec["max"], log=spec["distribution"] == "log_uniform_values")
+        elif spec.get("distribution") == "int_uniform":
+            space[name] = optuna.distributions.IntDistribution(spec["min"], spec["max"])
+        else:
+            raise UsageError(f"{search_path}: parameter {name} has a form this driver does not read: {spec}")
+    return StudySpec("search", search_path.stem, preset, space, {})
+
+
+def open_storage(url: str | None, study: str, workers: int, heartbeat: int) -> optuna.storages.BaseStorage:
+    """journal file by default (several workers on one host or NFS); sqlite for one process;
+    postgresql:// across machines (with heartbeats, so trials of dead workers are retried)."""
+    if url is None:
+        url = f"journal:optuna/{study}.journal"
+    if url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith("sqlite") and workers > 1:
+        raise UsageError("SQLite is for one process: parallel workers hit 'database is locked'. Use the default "
+                         "journal file (or --storage journal:PATH) on one host, or postgresql:// across hosts")
+    return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
+                      failed_trial_callback=RetryFailedTrialCallback(max_retry=3))
+
+
+def trial_config(spec: StudySpec, params: dict[str, Any], overrides: dict[str, dict[str, Any]], preset_dir: Path,
+                 study_name: str, trial_number: int) -> RunConfig:
+    if spec.mode == "grid":
+        cell = spec.cells[params["cell"]]
+    else:
+        cell = {name: value for name, value in spec.space.items()
+                if not isinstance(value, optuna.distributions.BaseDistribution)} | params
+    tracking = {"tracking": {"study": study_name, "trial": trial_number}}
+    return resolve_run_config(spec.preset, merge(overrides, tracking), preset_dir, dict(os.environ), cell)
+
+
+class Objective:
+    """Runs one trial as an ordinary run with its own record."""
+
+    def __init__(self, spec: StudySpec, overrides: dict[str, dict[str, Any]], preset_dir: Path, console: Console):
+        self.spec, self.overrides, self.preset_dir, self.console = spec, overrides, preset_dir, console
+
+    def _suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        if self.spec.mode == "grid":
+            return {"cell": trial.suggest_categorical("cell", self.spec.space["cell"])}
+        params = {}
+        for name, value in self.spec.space.items():
+            if isinstance(value, optuna.distributions.CategoricalDistribution):
+                params[name] = trial.suggest_categorical(name, value.choices)
+            elif isinstance(value, optuna.distributions.FloatDistribution):
+                params[name] = trial.suggest_float(name, value.low, value.high, log=value.log)
+            elif isinstance(value, optuna.distributions.IntDistribution):
+                params[name] = trial.suggest_int(name, value.low, value.high)
+        return params
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        params = self._suggest(trial)
+        try:
+            cfg = trial_config(self.spec, params, self.overrides, self.preset_dir, trial.study.study_name,
+                               trial.number)
+            prepared = prepare(cfg)
+        except Exception as error:
+            trial.set_user_attr("reason", f"{error.__class__.__name__}: {error}")
+            raise
+
+        def report(iteration: int, miou: float) -> None:
+            trial.report(miou, iteration)
+            if self.spec.mode == "search" and trial.should_prune():
+                raise StopRun(f"pruned by Optuna at iteration {iteration} (val mIoU {miou:.4f})")
+
+        while True:
+            outcome = run_cell(prepared, resume=True, on_eval=report, console=self.console)
+            if outcome.status != "busy":
+                break
+            time.sleep(BUSY_POLL_SECONDS)  # another worker trains this cell: wait for its record
+        trial.set_user_attr("run_dir", str(outcome.run_dir))
+        trial.set_user_attr("cell_hash", prepared.cfg.cell_hash())
+        if outcome.status == "pruned":
+            trial.set_user_attr("reason", outcome.summary.get("reason", "pruned"))
+            raise optuna.TrialPruned(outcome.summary.get("reason"))
+        if outcome.status not in (STATUS_COMPLETE, "skipped"):
+            reason = outcome.summary.get("reason") or outcome.message
+            trial.set_user_attr("reason", reason)
+            raise RuntimeError(reason)
+        if outcome.status == "skipped":
+            trial.set_user_attr("reused_record", True)
+        return float(outcome.summary["final_miou"])
+
+
+def run_worker(spec: StudySpec, storage: optuna.storages.BaseStorage, study_name: str, n_trials: int | None,
+               overrides: dict[str, dict[str, Any]], preset_dir: Path, pruner: str, console: Console) -> None:
+    if spec.mode == "grid":
+        sampler: optuna.samplers.BaseSampler = optuna.samplers.GridSampler(spec.space)
+        pruner_object: optuna.pruners.BasePruner = optuna.pruners.NopPruner()
+    else:
+        sampler = optuna.samplers.TPESampler()
+        pruner_object = (optuna.pruners.HyperbandPruner() if pruner == "hyperband"
+                         else optuna.pruners.MedianPruner(n_startup_trials=3))
+    study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner_object,
+                                direction="maximize", load_if_exists=True)
+    callbacks = []
+    if n_trials is not None:  # a total across all workers, not per worker
+        callbacks.append(optuna.study.MaxTrialsCallback(n_trials, states=None))
+    console.print(f"worker {platform.node()}:{os.getpid()} joins study {study_name} ({spec.mode} {spec.name})")
+    study.optimize(Objective(spec, overrides, preset_dir, console), callbacks=callbacks, catch=(Exception,),
+                   gc_after_trial=True)
+

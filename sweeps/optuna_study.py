@@ -1,0 +1,94 @@
+"""Run an ablation grid or a hyper-parameter search as an Optuna study, with one or many workers.
+
+    python sweeps/optuna_study.py --grid table1 --study table1 [--workers 4] [-- run.py flags ...]
+    python sweeps/optuna_study.py --search sweeps/hparams.yaml --study hp --n-trials 40 --pruner median
+    python sweeps/optuna_study.py --grid table1 --study table1 --storage postgresql://user:pw@host/db
+
+Storage: a journal file optuna/<study>.journal by default (nothing to start; safe for several
+workers on one host or NFS), sqlite:///FILE for one process, postgresql://... across machines:
+each machine runs the same command and they share the work. The same command restarted continues
+where it stopped: complete cells are skipped by their records, partial ones resume.
+Flags after `--` go to every run (for example --data-root, --runs-dir, --wandb offline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+from rich.console import Console
+
+REPO = Path(__file__).resolve().parent.parent
+
+from danet.cli import build_parser as run_parser  # noqa: E402
+from danet.config import UsageError, explicit_settings  # noqa: E402
+from danet.studies import grid_spec, open_storage, run_worker, search_spec  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    run_flags = argv[argv.index("--") + 1:] if "--" in argv else []
+    own_flags = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(prog="sweeps/optuna_study.py", description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--grid", help="an ablation grid from ablations/grids/ (each cell runs exactly once)")
+    what.add_argument("--search", type=Path, help="a W&B sweep file whose parameters are the search space (TPE)")
+    parser.add_argument("--study", required=True, help="study name (shared by all workers)")
+    parser.add_argument("--storage", default=None,
+                        help="journal:PATH (default optuna/STUDY.journal), sqlite:///FILE or postgresql://...")
+    parser.add_argument("--n-trials", type=int, default=None,
+                        help="total trials across workers (default: the whole grid; required for --search)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default: 1)")
+    parser.add_argument("--pruner", choices=["median", "hyperband"], default="median",
+                        help="pruner of --search studies, fed by the periodic val mIoU (default: median)")
+    parser.add_argument("--heartbeat", type=int, default=60,
+                        help="seconds between heartbeats on sqlite/postgresql storage; a worker silent for 3 of "
+                             "them is declared dead and its trial retried (default: 60)")
+    args = parser.parse_args(own_flags)
+    console = Console(stderr=True)
+    if args.search and args.n_trials is None:
+        parser.error("--search needs --n-trials")
+
+    if args.workers > 1:  # the same command once per worker; each joins the study
+        command = [sys.executable, str(Path(__file__).resolve()), *own_flags_without_workers(own_flags), "--", *run_flags]
+        workers = [subprocess.Popen(command) for _ in range(args.workers)]
+        try:
+            codes = [worker.wait() for worker in workers]
+        except KeyboardInterrupt:
+            for worker in workers:
+                worker.terminate()
+            return 130
+        return max(codes)
+
+    try:
+        spec = grid_spec(args.grid, REPO / "ablations" / "grids") if args.grid else search_spec(args.search)
+        overrides = explicit_settings(run_parser().parse_args(run_flags))
+        storage = open_storage(args.storage, args.study, args.workers, args.heartbeat)
+    except UsageError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    run_worker(spec, storage, args.study, args.n_trials, overrides, REPO / "ablations" / "configs", args.pruner,
+               console)
+    return 0
+
+
+def own_flags_without_workers(flags: list[str]) -> list[str]:
+    """The driver's flags with --workers K removed (each child is one worker)."""
+    kept, skip = [], False
+    for flag in flags:
+        if skip:
+            skip = False
+        elif flag == "--workers":
+            skip = True
+        elif not flag.startswith("--workers="):
+            kept.append(flag)
+    return kept
+
+
+if __name__ == "__main__":
+    sys.exit(main())
