@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 import yaml
 from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
 from optuna.storages.journal import JournalFileBackend
@@ -29,6 +30,7 @@ from danet.grids import load_grid
 from danet.tracking import STATUS_COMPLETE
 
 BUSY_POLL_SECONDS = 2.0
+SCHEMA_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -84,8 +86,16 @@ def open_storage(url: str | None, study: str, workers: int, heartbeat: int) -> o
     if url.startswith("sqlite") and workers > 1:
         raise UsageError("SQLite is for one process: parallel workers hit 'database is locked'. Use the default "
                          "journal file (or --storage journal:PATH) on one host, or postgresql:// across hosts")
-    return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
-                      failed_trial_callback=RetryFailedTrialCallback(max_retry=3))
+    for attempt in range(SCHEMA_ATTEMPTS):
+        try:
+            return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
+                              failed_trial_callback=RetryFailedTrialCallback(max_retry=3))
+        except sqlalchemy.exc.IntegrityError:
+            # workers that start together on a fresh database race to create Optuna's tables;
+            # the losers fail on a duplicate key and find the tables there a moment later
+            if attempt == SCHEMA_ATTEMPTS - 1:
+                raise
+            time.sleep(1.0 + attempt)
 
 
 def trial_config(spec: StudySpec, params: dict[str, Any], overrides: dict[str, dict[str, Any]], preset_dir: Path,

@@ -71,3 +71,51 @@ def cityscapes_tree(tmp_path: Path) -> Path:
                 write_png(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", image)
                 write_png(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", label)
     return root
+
+
+def _private_postgres(base: Path) -> tuple[str, callable]:
+    """Start a throw-away PostgreSQL cluster on loopback (as the postgres user); return its URL."""
+    import shutil
+    import socket
+    import subprocess
+
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not versions:
+        pytest.fail("PostgreSQL is not installed: apt-get install postgresql (or set DANET_TEST_POSTGRES to a URL)")
+    bin_dir = versions[-1].parent
+    data = base / "pgdata"
+    data.mkdir(parents=True)
+    shutil.chown(base, "postgres")
+    shutil.chown(data, "postgres")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    as_postgres = ["runuser", "-u", "postgres", "--"]
+    subprocess.run(as_postgres + [str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    subprocess.run(as_postgres + [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-o",
+                                  f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "start"],
+                   check=True, capture_output=True)
+
+    def stop():
+        subprocess.run(as_postgres + [str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+
+    return f"postgresql://postgres@127.0.0.1:{port}/postgres", stop
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """DANET_TEST_POSTGRES (what .ci/run starts), else a private cluster for this session."""
+    import os
+    import shutil
+    import tempfile
+
+    if os.environ.get("DANET_TEST_POSTGRES"):
+        yield os.environ["DANET_TEST_POSTGRES"]
+        return
+    base = Path(tempfile.mkdtemp(prefix="danet-postgres-"))  # pytest's tmp dirs are closed to other users
+    url, stop = _private_postgres(base)
+    yield url
+    stop()
+    shutil.rmtree(base, ignore_errors=True)

@@ -1,0 +1,162 @@
+"""Optuna studies: grids exactly once across workers, searches with pruning, failures, PostgreSQL."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import optuna
+import pytest
+import yaml
+from optuna.storages import JournalStorage, RetryFailedTrialCallback
+from optuna.storages.journal import JournalFileBackend
+from rich.console import Console
+
+from danet.config import UsageError
+from danet.grids import load_grid
+from danet.studies import Objective, grid_spec, open_storage, search_spec
+from tests.conftest import PRESETS, REPO, tiny_flags
+
+GRIDS = REPO / "ablations" / "grids"
+DRIVER = REPO / "sweeps" / "optuna_study.py"
+
+
+def _tiny_run_flags(runs, *extra):
+    # run.py flags for every trial; --workers here is the DataLoader's, after the driver's `--`
+    return tiny_flags(runs, *extra)
+
+
+def _driver(*args, cwd, **kwargs):
+    return subprocess.Popen([sys.executable, str(DRIVER), *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def _records(runs):
+    return [json.loads(path.read_text()) for path in sorted(runs.glob("*/summary.json"))]
+
+
+def _assert_grid_done_exactly_once(runs, grid_name="demo"):
+    records = _records(runs)
+    cells = load_grid(grid_name, GRIDS).cells
+    assert len(records) == len(cells)
+    assert all(record["status"] == "complete" for record in records)
+    assert len({record["cell_hash"] for record in records}) == len(cells)
+
+
+def _journal_study(path, name):
+    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(path))))
+
+
+def test_grid_study_with_two_workers_runs_every_cell_exactly_once_and_restarts_cleanly(tmp_path):
+    runs = tmp_path / "runs"
+    process = _driver("--grid", "demo", "--study", "demo", "--workers", "2", "--", *_tiny_run_flags(runs), cwd=tmp_path)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output
+    _assert_grid_done_exactly_once(runs)
+    study = _journal_study(tmp_path / "optuna" / "demo.journal", "demo")
+    trials = study.get_trials(deepcopy=False)
+    assert all(trial.state == optuna.trial.TrialState.COMPLETE for trial in trials)
+    assert {trial.params["cell"] for trial in trials} == set(load_grid("demo", GRIDS).cells)
+    for record in _records(runs):  # each record says which study and trial made it
+        assert record["study"] == "demo" and isinstance(record["trial"], int)
+
+    modified = {path: path.stat().st_mtime_ns for path in runs.glob("*/summary.json")}
+    again = _driver("--grid", "demo", "--study", "demo", "--", *_tiny_run_flags(runs), cwd=tmp_path)
+    output, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, output
+    assert {path: path.stat().st_mtime_ns for path in runs.glob("*/summary.json")} == modified  # nothing retrained
+
+
+def test_failed_trials_are_recorded_with_the_reason(tmp_path):
+    grid = tmp_path / "one.yaml"
+    grid.write_text(yaml.safe_dump({"preset": "demo", "blocks": [{"axes": {"seed": [0]}, "cells": {"fcn": {
+        "pam": False, "cam": False}}}]}))
+    runs = tmp_path / "runs"
+    process = _driver("--grid", str(grid), "--study", "boom", "--", *_tiny_run_flags(runs, "--lr", "1e30",
+                                                                                     "--iterations", "20"), cwd=tmp_path)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    trial, = _journal_study(tmp_path / "optuna" / "boom.journal", "boom").trials
+    assert trial.state == optuna.trial.TrialState.FAIL
+    assert trial.user_attrs["reason"].startswith("non-finite loss at iteration")
+    assert _records(runs)[0]["status"] == "failed"
+
+
+def test_search_trials_report_val_miou_and_can_be_pruned(tmp_path):
+    search = tmp_path / "search.yaml"
+    search.write_text(yaml.safe_dump({"method": "bayes", "parameters": {
+        "config": {"value": "demo"}, "lr": {"distribution": "log_uniform_values", "min": 0.001, "max": 0.1},
+        "crop_size": {"values": [32]}}}))
+    spec = search_spec(search)
+    assert spec.preset == "demo" and isinstance(spec.space["lr"], optuna.distributions.FloatDistribution)
+    runs = tmp_path / "runs"
+    from danet.cli import build_parser
+    from danet.config import explicit_settings
+
+    overrides = explicit_settings(build_parser().parse_args(_tiny_run_flags(runs, "--iterations", "6")))
+    objective = Objective(spec, overrides, PRESETS, Console(quiet=True))
+
+    reported = optuna.create_study(direction="maximize")
+    reported.optimize(objective, n_trials=1)
+    trial = reported.trials[0]
+    assert trial.state == optuna.trial.TrialState.COMPLETE and sorted(trial.intermediate_values) == [2, 4]
+
+    always_prune = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=2.0))
+    always_prune.optimize(objective, n_trials=1)
+    pruned = always_prune.trials[0]
+    assert pruned.state == optuna.trial.TrialState.PRUNED
+    assert "pruned by Optuna at iteration 2" in pruned.user_attrs["reason"]
+    record = json.loads((runs / pruned.user_attrs["run_dir"].rsplit("/", 1)[-1] / "summary.json").read_text())
+    assert record["status"] == "pruned"
+
+
+def test_sqlite_refuses_parallel_workers():
+    with pytest.raises(UsageError, match="SQLite is for one process"):
+        open_storage("sqlite:///x.db", "s", workers=2, heartbeat=60)
+    assert grid_spec("demo", GRIDS).space == {"cell": list(load_grid("demo", GRIDS).cells)}
+
+
+def test_postgres_two_workers_share_the_grid_exactly_once(tmp_path, postgres_url):
+    runs = tmp_path / "runs"
+    study = f"pg-{uuid.uuid4().hex[:8]}"
+    workers = [_driver("--grid", "demo", "--study", study, "--storage", postgres_url, "--",
+                       *_tiny_run_flags(runs), cwd=tmp_path) for _ in range(2)]
+    for worker in workers:
+        output, _ = worker.communicate(timeout=600)
+        assert worker.returncode == 0, output
+    _assert_grid_done_exactly_once(runs)
+    trials = optuna.load_study(study_name=study, storage=postgres_url).get_trials(deepcopy=False)
+    assert all(trial.state.is_finished() for trial in trials)  # no trial lost in RUNNING
+    assert {trial.params["cell"] for trial in trials} == set(load_grid("demo", GRIDS).cells)
+
+
+def test_postgres_killed_worker_trial_is_retried_and_the_grid_completes(tmp_path, postgres_url):
+    runs = tmp_path / "runs"
+    study = f"pg-kill-{uuid.uuid4().hex[:8]}"
+    flags = _tiny_run_flags(runs, "--iterations", "40", "--checkpoint-every", "5", "--synthetic-train-images", "12")
+    first = _driver("--grid", "demo", "--study", study, "--storage", postgres_url, "--heartbeat", "1", "--",
+                    *flags, cwd=tmp_path)
+    deadline = time.time() + 180
+    while time.time() < deadline and not list(runs.glob("*/checkpoints/last.pt")):
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    storage = optuna.storages.RDBStorage(postgres_url)
+    running = [t for t in optuna.load_study(study_name=study, storage=storage).trials
+               if t.state == optuna.trial.TrialState.RUNNING]
+    assert len(running) == 1, "the killed worker should leave one trial running"
+    killed = running[0]
+
+    time.sleep(4)  # past the grace period (3 heartbeats)
+    second = _driver("--grid", "demo", "--study", study, "--storage", postgres_url, "--heartbeat", "1", "--",
+                     *flags, cwd=tmp_path)
+    output, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, output
+    trials = optuna.load_study(study_name=study, storage=storage).trials
+    assert trials[killed.number].state == optuna.trial.TrialState.FAIL  # declared dead by its heartbeat
+    retries = [t for t in trials if RetryFailedTrialCallback.retried_trial_number(t) == killed.number]
+    assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
+    assert retries[0].params == killed.params
+    _assert_grid_done_exactly_once(runs)
