@@ -60,7 +60,7 @@ def search_spec(search_path: Path) -> StudySpec:
         if "value" in spec:
             if name == "config":
                 preset = spec["value"]
-            else:
+            elif name != "wandb":  # W&B's sweep runs report online; Optuna's take --wandb from the run flags
                 space[name] = spec["value"]
         elif "values" in spec:
             space[name] = optuna.distributions.CategoricalDistribution(spec["values"])
@@ -72,6 +72,16 @@ def search_spec(search_path: Path) -> StudySpec:
         else:
             raise UsageError(f"{search_path}: parameter {name} has a form this driver does not read: {spec}")
     return StudySpec("search", search_path.stem, preset, space, {})
+
+
+def visible_gpus(requested: str | None = None) -> list[str]:
+    """GPU ids from `requested` ("0,2"), else CUDA_VISIBLE_DEVICES, else every GPU torch sees."""
+    listed = requested or os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if listed.strip():
+        return [gpu.strip() for gpu in listed.split(",") if gpu.strip()]
+    import torch
+
+    return [str(index) for index in range(torch.cuda.device_count())]
 
 
 def open_storage(url: str | None, study: str, workers: int, heartbeat: int) -> optuna.storages.BaseStorage:

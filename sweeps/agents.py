@@ -16,17 +16,9 @@ import subprocess
 import sys
 import time
 
+from danet.studies import visible_gpus
+
 STOP_GRACE_SECONDS = 30  # what wandb agent itself gives a run between SIGTERM and SIGKILL
-
-
-def visible_gpus(requested: str | None) -> list[str]:
-    if requested:
-        return [gpu.strip() for gpu in requested.split(",") if gpu.strip()]
-    if os.environ.get("CUDA_VISIBLE_DEVICES", "").strip():
-        return [gpu.strip() for gpu in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if gpu.strip()]
-    import torch
-
-    return [str(index) for index in range(torch.cuda.device_count())]
 
 
 def agent_commands(sweep_id: str, gpus: list[str], count: int | None, agent: str) -> list[tuple[str, list[str]]]:

@@ -10,15 +10,13 @@ run.py turns `--grid NAME --cell ID` into the cell's preset and settings. The ag
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from danet.grids import load_grid
 
-from danet.grids import load_grid  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 GRID_DIR = REPO / "ablations" / "grids"
 SWEEP_DIR = REPO / "sweeps"
@@ -33,7 +31,8 @@ def sweep_for_grid(name: str) -> dict:
         "program": "ablations/run.py",
         "method": "grid",
         "metric": {"name": "val/mIoU", "goal": "maximize"},
-        "parameters": {"grid": {"value": grid.name}, "cell": {"values": list(grid.cells)}},
+        # online: a sweep run must report to the W&B server (run.py's own default is offline)
+        "parameters": {"grid": {"value": grid.name}, "cell": {"values": list(grid.cells)}, "wandb": {"value": "online"}},
         "command": COMMAND,
     }
 

@@ -14,6 +14,7 @@ Flags after `--` go to every run (for example --data-root, --runs-dir, --wandb o
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,11 +22,11 @@ from pathlib import Path
 import optuna
 from rich.console import Console
 
-REPO = Path(__file__).resolve().parent.parent
+from danet.cli import build_parser as run_parser
+from danet.config import UsageError, explicit_settings
+from danet.studies import grid_spec, open_storage, run_worker, search_spec, visible_gpus
 
-from danet.cli import build_parser as run_parser  # noqa: E402
-from danet.config import UsageError, explicit_settings  # noqa: E402
-from danet.studies import grid_spec, open_storage, run_worker, search_spec  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,9 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.search and args.n_trials is None:
         parser.error("--search needs --n-trials")
 
-    if args.workers > 1:  # the same command once per worker; each joins the study
+    if args.workers > 1:  # the same command once per worker, each on its own GPU when there are GPUs
         command = [sys.executable, str(Path(__file__).resolve()), *own_flags_without_workers(own_flags), "--", *run_flags]
-        workers = [subprocess.Popen(command) for _ in range(args.workers)]
+        gpus = visible_gpus()
+        workers = [subprocess.Popen(command, env=dict(os.environ, CUDA_VISIBLE_DEVICES=gpus[index % len(gpus)])
+                                    if gpus else None) for index in range(args.workers)]
         try:
             codes = [worker.wait() for worker in workers]
         except KeyboardInterrupt:
