@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ablations/run.py", allow_abbrev=False,
         description="Train and evaluate one DANet ablation cell. Settings come from the defaults, then the "
                     "preset (--config), then these flags. Boolean switches take --pam, --no-pam or --pam=true|false.",
-        epilog="Records go to RUNS_DIR/<run-id>/ (config.yaml, metrics.jsonl, summary.json, checkpoints/); "
-               "python reports/make_tables.py turns them into tables.")
+        epilog="Records go to RUNS_DIR/<run-id>/: config.yaml, metrics.jsonl (curves), summary.json (status and "
+               "final numbers), checkpoints/. Exit status: 0 done, 2 usage/config/data error, 1 failed run.")
     parser.add_argument("--config", default=None, metavar="PRESET",
                         help="preset name from ablations/configs/ or a YAML file (default: demo, CPU + synthetic data)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")

@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--grid", help="an ablation grid from ablations/grids/ (each cell runs exactly once)")
-    what.add_argument("--search", type=Path, help="a W&B sweep file whose parameters are the search space (TPE)")
+    what.add_argument("--search", help="a W&B sweep file (or its name in sweeps/, e.g. hparams) whose parameters "
+                                       "are the search space (TPE)")
     parser.add_argument("--study", required=True, help="study name (shared by all workers)")
     parser.add_argument("--storage", default=None,
                         help="journal:PATH (default optuna/STUDY.journal), sqlite:///FILE or postgresql://...")
@@ -68,8 +69,15 @@ def main(argv: list[str] | None = None) -> int:
         return max(codes)
 
     try:
-        spec = grid_spec(args.grid, REPO / "ablations" / "grids") if args.grid else search_spec(args.search)
-        overrides = explicit_settings(run_parser().parse_args(run_flags))
+        if args.grid:
+            spec = grid_spec(args.grid, REPO / "ablations" / "grids")
+        else:
+            search = Path(args.search)
+            spec = search_spec(search if search.suffix in (".yaml", ".yml") else REPO / "sweeps" / f"{search}.yaml")
+        run_args = run_parser().parse_args(run_flags)
+        if run_args.config or run_args.grid or run_args.cell:
+            raise UsageError("--config, --grid and --cell come from the study's grid or search file, not from run flags")
+        overrides = explicit_settings(run_args)
         storage = open_storage(args.storage, args.study, args.workers, args.heartbeat)
     except UsageError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
