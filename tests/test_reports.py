@@ -1,0 +1,152 @@
+"""Reports: statistics against independent computations, tables from generated records, the CLI."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from scipy import stats as scipy_stats
+
+from danet.config import NOT_IN_CELL, RunConfig, TrackingConfig
+from reports import make_tables
+from reports.sources import NoRunsFound, read_run_store
+from reports.stats import holm, paired_delta, probability_of_improvement, sign_flip_p_value, t_interval
+from reports.tables import NOT_SETTINGS, TABLE1, MixedCellError, ablation_table, presentable
+
+
+def test_t_interval_matches_scipy():
+    values = [71.2, 70.1, 72.9, 69.8]
+    interval = t_interval(values)
+    low, high = scipy_stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=scipy_stats.sem(values))
+    assert interval.mean == pytest.approx(np.mean(values)) and interval.sd == pytest.approx(np.std(values, ddof=1))
+    assert (interval.low, interval.high) == (pytest.approx(low), pytest.approx(high))
+    single = t_interval([70.0])
+    assert single.n == 1 and math.isnan(single.sd) and math.isnan(single.low)
+
+
+def test_paired_delta_pairs_by_seed_and_lists_the_unpaired():
+    treatment = {0: 75.0, 1: 76.5, 2: 74.0, 4: 80.0}
+    baseline = {0: 70.0, 1: 71.0, 2: 70.5, 3: 69.0}
+    delta = paired_delta(treatment, baseline)
+    differences = [5.0, 5.5, 3.5]
+    assert delta.seeds == [0, 1, 2] and delta.unpaired == [3, 4]
+    result = scipy_stats.ttest_rel([75.0, 76.5, 74.0], [70.0, 71.0, 70.5])
+    low, high = result.confidence_interval(0.95)
+    assert delta.interval.mean == pytest.approx(np.mean(differences))
+    assert (delta.interval.low, delta.interval.high) == (pytest.approx(low), pytest.approx(high))
+
+
+@pytest.mark.parametrize("differences", [[1.2, 0.4, -0.3, 2.0, 0.9], [0.5, 0.5, 0.5], [-1.0, 0.2, 0.3, -0.4]])
+def test_sign_flip_p_value_matches_scipys_exact_permutation_test(differences):
+    expected = scipy_stats.permutation_test((np.array(differences),), np.mean, permutation_type="samples",
+                                            alternative="greater", n_resamples=np.inf).pvalue
+    assert sign_flip_p_value(differences) == pytest.approx(expected)
+
+
+def test_all_positive_differences_give_the_smallest_p():
+    assert sign_flip_p_value([1.0, 2.0, 3.0]) == pytest.approx(2 ** -3)
+    assert sign_flip_p_value([1.0, 2.0, 3.0, 1.0, 2.0]) == pytest.approx(2 ** -5)
+
+
+def test_holm_adjustment_by_hand():
+    p_values = [0.01, 0.04, 0.03, 0.20]
+    # sorted: 0.01*4=0.04, 0.03*3=0.09, 0.04*2=0.08 -> max(0.09, 0.08)=0.09, 0.20*1=0.20
+    assert holm(p_values) == pytest.approx([0.04, 0.09, 0.09, 0.20])
+
+
+def test_probability_of_improvement_is_mann_whitney_u_over_pairs():
+    a, b = [3.0, 5.0, 5.0, 7.0], [1.0, 5.0, 6.0]
+    u = scipy_stats.mannwhitneyu(a, b).statistic
+    assert probability_of_improvement(a, b) == pytest.approx(u / (len(a) * len(b)))
+
+
+def _write_run(runs_dir, name, miou, status="complete", **settings):
+    cfg = RunConfig.from_dict({"model": {"backbone": "resnet50", "num_classes": 19}, "data": {"dataset": "cityscapes"}})
+    sections = cfg.to_dict()
+    for key, value in settings.items():
+        for section in sections.values():
+            if key in section:
+                section[key] = value
+    run_dir = runs_dir / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(sections))
+    summary = {"status": status, "final_miou": miou, "best_miou": miou, "wall_time_s": 600.0,
+               "images_per_second": 10.0, "peak_memory_mb": 2048.0, "per_class_iou": {"road": miou},
+               "cell_hash": name}
+    if status != "complete":
+        summary = {"status": status, "reason": "boom"}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+CELLS = {(False, False): [0.700, 0.705, 0.698, 0.710, 0.702], (True, False): [0.750, 0.758, 0.747, 0.761, 0.755],
+         (False, True): [0.740, 0.738, 0.745, 0.744, 0.741], (True, True): [0.760, 0.770, 0.765, 0.768]}
+
+
+@pytest.fixture
+def table1_runs(tmp_path):
+    runs = tmp_path / "runs"
+    for (pam, cam), values in CELLS.items():
+        for seed, miou in enumerate(values):  # PAM+CAM lacks seed 4: paired deltas must drop it
+            _write_run(runs, f"r50_{pam}_{cam}_s{seed}", miou, pam=pam, cam=cam, seed=seed)
+    _write_run(runs, "crashed", None, status="failed", pam=True, cam=True, seed=4)
+    return runs
+
+
+def test_table1_statistics_from_records(table1_runs):
+    runs = read_run_store(table1_runs)
+    table = ablation_table(runs, TABLE1)
+    assert [(row.pam, row.cam) for row in table.itertuples()] == [(False, False), (True, False), (False, True),
+                                                                  (True, True)]
+    fcn = np.array(CELLS[(False, False)]) * 100
+    both = np.array(CELLS[(True, True)]) * 100
+    row = table.iloc[3]
+    assert row["n"] == 4 and row["mean"] == pytest.approx(both.mean())  # the failed run is not averaged in
+    assert row["delta_n"] == 4 and row["unpaired_seeds"] == [4]
+    assert row["delta"] == pytest.approx(np.mean(both - fcn[:4]))
+    assert row["paper"] == 76.34 and row["ours_minus_paper"] == pytest.approx(both.mean() - 76.34)
+    assert row["p_improvement"] == pytest.approx(1.0)
+    pam = table.iloc[1]
+    assert pam["p_value"] == pytest.approx(2 ** -5)
+    # 4 pairs cannot reach p < 0.05 (2^-4 = 0.0625): PAM+CAM is not tested, Holm runs over 2 rows
+    assert pam["p_holm"] == pytest.approx(2 * 2 ** -5)
+    assert row["p_min"] == pytest.approx(2 ** -4) and math.isnan(row["p_holm"])
+    assert math.isnan(table.iloc[0]["delta"])  # the baseline has no delta against itself
+    text = presentable(table, TABLE1, "FCN", "cityscapes")
+    assert text["p (one-sided, Holm)"].tolist() == ["", "0.062", "0.062", "too few seeds (n=4)"]
+
+
+def test_cells_mixing_different_settings_are_refused(tmp_path):
+    runs = tmp_path / "runs"
+    _write_run(runs, "a", 0.7, pam=False, cam=False, seed=0, lr=0.01)
+    _write_run(runs, "b", 0.7, pam=False, cam=False, seed=1, lr=0.003)
+    with pytest.raises(MixedCellError, match=r"mixes runs that differ in \['lr'\]"):
+        ablation_table(read_run_store(runs), TABLE1)
+
+
+def test_the_command_writes_tables_and_lists_incomplete_runs(table1_runs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert make_tables.main(["--runs-dir", str(table1_runs), "--out", str(out), "--rows", "pam", "--cols", "cam"]) == 0
+    for name in ("table1.md", "table1.tex", "table1.csv", "runs.csv", "not_complete.csv", "generic.md"):
+        assert (out / name).exists(), name
+    markdown = (out / "table1.md").read_text()
+    assert "| Dilated FCN | resnet50 |" in markdown and "paper (cityscapes)" in markdown
+    assert "\\toprule" in (out / "table1.tex").read_text()
+    csv = pd.read_csv(out / "table1.csv")
+    assert csv["mean"].iloc[0] == pytest.approx(np.mean(CELLS[(False, False)]) * 100)
+    assert pd.read_csv(out / "not_complete.csv")["run_id"].tolist() == ["crashed"]
+
+
+def test_no_runs_is_a_one_line_error_with_exit_2(tmp_path, capsys):
+    assert make_tables.main(["--runs-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "no runs found in" in error and "python ablations/run.py" in error and error.count("\n") == 1
+    with pytest.raises(NoRunsFound):
+        read_run_store(tmp_path)
+
+
+def test_reports_leave_out_the_same_fields_as_the_cell_hash():
+    not_in_cell = {name for names in NOT_IN_CELL.values() if names for name in names}
+    tracking = {name for name in TrackingConfig.__dataclass_fields__}
+    assert NOT_SETTINGS == not_in_cell | tracking
