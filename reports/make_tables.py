@@ -59,6 +59,18 @@ def layout_applies(runs: pd.DataFrame, layout: Layout) -> bool:
     return bool(varying) and any(runs[column].nunique() > 1 for column in varying)
 
 
+def make_figures(runs: pd.DataFrame, table: pd.DataFrame, layout: Layout, out: Path, where: str) -> list[Path]:
+    from reports import figures  # matplotlib is slow to import: only when figures are asked for
+
+    complete = runs[runs["status"] == "complete"]
+    written = figures.ablation_bars(table, layout, out, f"{layout.name}: val mIoU per cell ({where})")
+    written += figures.class_heatmap(complete, table, layout, out, f"{layout.name}: per-class IoU")
+    if "run_dir" in complete:  # curves need the metrics.jsonl of local records
+        written += figures.miou_curves(complete, layout, out, f"{layout.name}: validation mIoU during training")
+        written += figures.gamma_curves(complete, layout, out, f"{layout.name}: attention gammas during training")
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reports/make_tables.py", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("reports/out"), help="output folder (default: reports/out)")
     parser.add_argument("--metric", choices=["final_miou", "best_miou"], default="final_miou",
                         help="final_miou: the configured test protocol at the end (default); best_miou: best seen")
+    parser.add_argument("--no-figures", action="store_true", help="tables only")
     parser.add_argument("--rows", help="generic table: comma-separated fields for rows")
     parser.add_argument("--cols", default="", help="generic table: comma-separated fields for columns")
     args = parser.parse_args(argv)
@@ -96,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                 written += write_table(table, presentable(table, layout, baseline_name, dataset), args.out,
                                        layout.name, NOTES[layout.name])
                 console.print(to_markdown(presentable(table, layout, baseline_name, dataset)))
+                if not args.no_figures:
+                    written += make_figures(runs, table, layout, args.out, where)
         if args.rows:
             rows, cols = args.rows.split(","), [column for column in args.cols.split(",") if column]
             pivot = generic_table(runs, rows, cols, args.metric)

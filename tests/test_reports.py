@@ -78,6 +78,9 @@ def _write_run(runs_dir, name, miou, status="complete", **settings):
     if status != "complete":
         summary = {"status": status, "reason": "boom"}
     (run_dir / "summary.json").write_text(json.dumps(summary))
+    events = [{"step": step, "val/mIoU": (miou or 0) * step / 200, "gamma/pam": 0.01 * step,
+               "gamma/cam": 0.02 * step} for step in (100, 200)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(event) + "\n" for event in events))
 
 
 CELLS = {(False, False): [0.700, 0.705, 0.698, 0.710, 0.702], (True, False): [0.750, 0.758, 0.747, 0.761, 0.755],
@@ -136,6 +139,9 @@ def test_the_command_writes_tables_and_lists_incomplete_runs(table1_runs, tmp_pa
     csv = pd.read_csv(out / "table1.csv")
     assert csv["mean"].iloc[0] == pytest.approx(np.mean(CELLS[(False, False)]) * 100)
     assert pd.read_csv(out / "not_complete.csv")["run_id"].tolist() == ["crashed"]
+    for figure in ("table1_bars", "table1_val_miou", "table1_class_iou", "table1_gamma"):
+        for suffix in (".png", ".pdf"):
+            assert (out / f"{figure}{suffix}").stat().st_size > 1000, figure
 
 
 def test_no_runs_is_a_one_line_error_with_exit_2(tmp_path, capsys):
