@@ -24,7 +24,7 @@ def run_cli(argv: list[str]) -> int:
 
 
 def only_run_dir(runs_dir: Path) -> Path:
-    dirs = [path for path in runs_dir.iterdir() if path.is_dir()]
+    dirs = [path for path in runs_dir.iterdir() if path.is_dir() and not path.name.startswith(".")]  # not .locks
     assert len(dirs) == 1, dirs
     return dirs[0]
 

@@ -135,7 +135,7 @@ def test_postgres_two_workers_share_the_grid_exactly_once(tmp_path, postgres_url
 def test_postgres_killed_worker_trial_is_retried_and_the_grid_completes(tmp_path, postgres_url):
     runs = tmp_path / "runs"
     study = f"pg-kill-{uuid.uuid4().hex[:8]}"
-    flags = _tiny_run_flags(runs, "--iterations", "40", "--checkpoint-every", "5", "--synthetic-train-images", "12")
+    flags = _tiny_run_flags(runs, "--iterations", "24", "--checkpoint-every", "4", "--synthetic-train-images", "12")
     first = _driver("--grid", "demo", "--study", study, "--storage", postgres_url, "--heartbeat", "1", "--",
                     *flags, cwd=tmp_path)
     deadline = time.time() + 180
