@@ -156,3 +156,72 @@ def test_reports_leave_out_the_same_fields_as_the_cell_hash():
     not_in_cell = {name for names in NOT_IN_CELL.values() if names for name in names}
     tracking = {name for name in TrackingConfig.__dataclass_fields__}
     assert NOT_SETTINGS == not_in_cell | tracking
+
+
+def test_attention_figure_from_a_checkpoint(tmp_path):
+    from PIL import Image
+
+    from reports import attention_figure
+    from tests.conftest import run_cli, tiny_flags
+
+    runs = tmp_path / "runs"
+    assert run_cli(tiny_flags(runs)) == 0  # PAM + CAM
+    checkpoint = next(runs.glob("*/checkpoints/best.pt"))
+    image = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(image)
+    figure = attention_figure.attention_figure(checkpoint, image, [(3, 4), (20, 40)], [0, 5])
+    titles = [axis.get_title() for axis in figure.axes if axis.get_title()]
+    assert titles == ["image and query points", "PAM: attention of point 1", "PAM: attention of point 2",
+                      "CAM: channel 0 response", "CAM: channel 5 response", "prediction"]
+    out = tmp_path / "fig" / "attention.png"
+    assert attention_figure.main([str(checkpoint), str(image), "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000 and out.with_suffix(".pdf").exists()
+
+
+class _FakeRun:
+    def __init__(self, run_id, state, config, summary):
+        self.id, self.state, self.config, self.summary = run_id, state, config, summary
+
+
+class _FakeApi:
+    """The part of wandb.Api that read_wandb uses: runs(path) and sweep(path).runs."""
+
+    def __init__(self, runs):
+        self._runs = runs
+
+    def runs(self, path, per_page=50):
+        return self._runs
+
+    def sweep(self, path):
+        return type("Sweep", (), {"runs": self._runs[:1]})()
+
+
+def test_wandb_source_reads_configs_and_summaries_in_one_query():
+    config = RunConfig.from_dict({"model": {"num_classes": 19}}).to_dict()
+    runs = [_FakeRun("a1", "finished", config, {"final/mIoU": 0.71, "val/mIoU": {"max": 0.72}}),
+            _FakeRun("b2", "crashed", config, {}),
+            _FakeRun("c3", "finished", {"lr": 0.1}, {})]  # not a DANet run: no config sections
+    from reports.sources import read_wandb
+
+    frame = read_wandb("me/proj", api=_FakeApi(runs))
+    assert frame["run_id"].tolist() == ["a1", "b2"]
+    assert frame["status"].tolist() == ["complete", "failed"]
+    assert frame.loc[0, "final_miou"] == 0.71 and frame.loc[0, "best_miou"] == 0.72
+    assert frame.loc[0, "backbone"] == "resnet50"
+    assert len(read_wandb("me/proj", sweep="s1", api=_FakeApi(runs))) == 1
+
+
+def test_optuna_source_reads_the_records_of_the_studys_trials(table1_runs, tmp_path):
+    import optuna
+
+    from reports.sources import read_optuna
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="t1", storage=storage)
+    chosen = sorted(table1_runs.iterdir())[:3]
+    for run_dir in chosen:
+        trial = study.ask()
+        trial.set_user_attr("run_dir", str(run_dir))
+        study.tell(trial, 0.5)
+    frame = read_optuna(storage, "t1")
+    assert sorted(frame["run_id"]) == sorted(path.name for path in chosen)
