@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         for layout, baseline_name in ((TABLE1, "FCN"), (TABLE2, "base")):
             if layout_applies(runs, layout):
                 table = ablation_table(runs, layout, args.metric)
-                dataset, _ = paper_reference(layout)
+                dataset, _, _ = paper_reference(layout)
                 written += write_table(table, presentable(table, layout, baseline_name, dataset), args.out,
                                        layout.name, NOTES[layout.name])
                 console.print(to_markdown(presentable(table, layout, baseline_name, dataset)))

@@ -65,12 +65,13 @@ def check_not_mixed(runs: pd.DataFrame, rows: list[str]) -> None:
                                  f"{differing}: select runs (--runs-dir) or add these fields to the rows")
 
 
-def paper_reference(layout: Layout) -> tuple[str | None, dict[tuple, float]]:
+def paper_reference(layout: Layout) -> tuple[str | None, list[str], dict[tuple, float]]:
+    """The paper's dataset, the row fields its numbers are keyed by, and the numbers."""
     section = yaml.safe_load(PAPER_NUMBERS.read_text()).get(layout.name)
     if not section:
-        return None, {}
+        return None, [], {}
     columns = [column for column in layout.rows if column in section["rows"][0]]
-    return section["dataset"], {tuple(row[c] for c in columns): row["miou"] for row in section["rows"]}
+    return section["dataset"], columns, {tuple(row[c] for c in columns): row["miou"] for row in section["rows"]}
 
 
 def ablation_table(runs: pd.DataFrame, layout: Layout, metric: str = "final_miou") -> pd.DataFrame:
@@ -80,8 +81,7 @@ def ablation_table(runs: pd.DataFrame, layout: Layout, metric: str = "final_miou
         raise MixedCellError("no complete runs to tabulate")
     rows = [column for column in layout.rows if column in complete.columns]
     check_not_mixed(complete, rows)
-    paper_dataset, paper = paper_reference(layout)
-    paper_columns = [column for column in rows if column in layout.baseline or column == "backbone"]
+    paper_dataset, paper_columns, paper = paper_reference(layout)
     groups = {key if isinstance(key, tuple) else (key,): group for key, group in complete.groupby(rows)}
     records = []
     for key, group in groups.items():
@@ -104,7 +104,7 @@ def ablation_table(runs: pd.DataFrame, layout: Layout, metric: str = "final_miou
                        "p_min": smallest_p_value(len(delta.seeds)) if delta.seeds else math.nan,
                        "p_improvement": probability_of_improvement(list(by_seed.values()),
                                                                    list(baseline_by_seed.values()))}
-        reference = paper.get(tuple(values[c] for c in paper_columns))
+        reference = paper.get(tuple(values.get(c) for c in paper_columns))
         record["paper"] = reference
         same_data = paper_dataset is not None and set(group["dataset"]) == {paper_dataset}
         record["ours_minus_paper"] = cell.mean - reference if reference is not None and same_data else None

@@ -225,3 +225,22 @@ def test_optuna_source_reads_the_records_of_the_studys_trials(table1_runs, tmp_p
         study.tell(trial, 0.5)
     frame = read_optuna(storage, "t1")
     assert sorted(frame["run_id"]) == sorted(path.name for path in chosen)
+
+
+def test_table2_layout_rows_and_paper_numbers(tmp_path):
+    runs = tmp_path / "runs"
+    rows = [({}, [0.770, 0.775, 0.772]), ({"random_scale": True}, [0.785, 0.790, 0.788]),
+            ({"random_scale": True, "multi_grid": True}, [0.80, 0.79, 0.795]),
+            ({"random_scale": True, "multi_grid": True, "eval_scales": [0.5, 1.0, 2.0], "eval_flip": True},
+             [0.81, 0.815, 0.812])]
+    for index, (settings, values) in enumerate(rows):
+        for seed, miou in enumerate(values):
+            _write_run(runs, f"row{index}_s{seed}", miou, backbone="resnet101", seed=seed, **settings)
+    from reports.tables import TABLE2
+
+    table = ablation_table(read_run_store(runs), TABLE2)
+    assert [(r.random_scale, r.multi_grid, r.multi_scale_test) for r in table.itertuples()] == [
+        (False, False, False), (True, False, False), (True, True, False), (True, True, True)]
+    assert table["paper"].tolist() == [77.57, 78.83, 79.94, 81.50]
+    assert table["delta"].iloc[3] == pytest.approx(100 * (np.mean(rows[3][1]) - np.mean(rows[0][1])))
+    assert table["p_holm"].isna().all()  # three seeds: too few for any test
