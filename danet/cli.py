@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from danet import data as datasets
+from danet import distributed
 from danet.config import (
     OneLineErrorParser,
     RunConfig,
@@ -52,6 +53,7 @@ from danet.tracking import (
     STATUS_FAILED,
     STATUS_PRUNED,
     FanOut,
+    NullTracker,
     RunStore,
     WandbSink,
     find_complete,
@@ -167,76 +169,61 @@ class Prepared:
     device: torch.device
 
 
-def prepare(cfg: RunConfig) -> Prepared:
+def prepare(cfg: RunConfig, context: distributed.Context = distributed.SINGLE) -> Prepared:
     """Build the data and the model; settle what the dataset decides. Raises usage-type errors."""
     data = datasets.build(cfg.data)
     cfg = resolve_for_dataset(cfg, data.num_classes, batches_per_epoch(len(data.train), cfg.data.batch_size))
-    device = pick_device(cfg.train.device)
+    device = distributed.device_for(context, pick_device(cfg.train.device))
+    if context.enabled and cfg.train.sync_bn and device.type != "cuda":
+        raise UsageError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm); pass --no-sync-bn for torchrun on the CPU")
+    if context.enabled and cfg.data.batch_size % context.world_size:
+        raise UsageError(f"--batch-size {cfg.data.batch_size} is the global batch: it must divide among "
+                         f"{context.world_size} ranks")
     seed_everything(cfg.train.seed)  # the initial weights depend on the seed only
     return Prepared(cfg, data, build(cfg.model), device)
 
 
 def run_cell(prepared: Prepared, *, resume: bool, overwrite: bool = False, extra_trackers: tuple = (),
-             on_eval: Callable[[int, float], None] | None = None, console: Console | None = None) -> Outcome:
+             on_eval: Callable[[int, float], None] | None = None, console: Console | None = None,
+             context: distributed.Context = distributed.SINGLE) -> Outcome:
     """Train and evaluate one cell with its record, exactly once per resolved config.
 
     With `resume`, a complete record of the same config anywhere under the runs folder means
     nothing to do, and a partial one is continued from its last checkpoint. A run folder is held
     by one process at a time (a lock file), so two workers given the same cell cannot both train it.
+    Under torchrun, rank 0 decides all this and keeps the record; the other ranks follow it.
     """
+    if not context.is_main:
+        return _follow_main(prepared, context)
     cfg = prepared.cfg
     console = console or Console(stderr=True)
     store = RunStore(cfg.tracking.runs_dir, cfg)
+    outcome = None
     if resume:
         done = find_complete(cfg.tracking.runs_dir, cfg.cell_hash())
         if done is not None:
-            return Outcome("skipped", EXIT_OK, read_summary(done) or {}, done,
-                           f"run {done} is already complete (same config)")
-    lock = store.lock()
-    if lock is None:
-        return Outcome("busy", EXIT_USAGE, {}, store.dir, f"run {store.dir} is being trained by another process")
+            outcome = Outcome("skipped", EXIT_OK, read_summary(done) or {}, done,
+                              f"run {done} is already complete (same config)")
+    lock = store.lock() if outcome is None else None
+    if outcome is None and lock is None:
+        outcome = Outcome("busy", EXIT_USAGE, {}, store.dir, f"run {store.dir} is being trained by another process")
+    if outcome is not None:
+        distributed.broadcast(("stop", outcome.status), context)
+        return outcome
     with lock:
-        return _train_locked(store, prepared, resume, overwrite, extra_trackers, on_eval, console)
+        return _train_locked(store, prepared, resume, overwrite, extra_trackers, on_eval, console, context)
 
 
-def _train_locked(store: RunStore, prepared: Prepared, resume: bool, overwrite: bool, extra_trackers: tuple,
-                  on_eval, console: Console) -> Outcome:
-    cfg, data, model, device = prepared.cfg, prepared.data, prepared.model, prepared.device
-    checkpoint = None
-    previous = store.previous_summary()
-    if previous is not None:
-        if overwrite:
-            shutil.rmtree(store.dir)
-        elif not resume:
-            return Outcome("exists", EXIT_USAGE, previous, store.dir,
-                           f"run {store.dir} exists ({previous.get('status')}): pass --resume to continue it "
-                           "or --overwrite to start over")
-        elif previous.get("status") == STATUS_COMPLETE:
-            return Outcome("skipped", EXIT_OK, previous, store.dir, f"run {store.dir} is already complete")
-        elif (store.checkpoint_dir / "last.pt").exists():
-            checkpoint = load_checkpoint(store.checkpoint_dir / "last.pt")
-    resume_step = checkpoint["iteration"] if checkpoint else None
-
-    info = environment_info(cfg, device)
-    store.start(info, resume_from_step=resume_step)
-    trackers = [store, *extra_trackers]
-    try:
-        if cfg.tracking.wandb != "disabled":
-            sink = WandbSink(cfg, store.dir, resume_id=(previous or {}).get("wandb_id") if checkpoint else None)
-            store.update(wandb_id=sink.run_id)
-            trackers.append(sink)
-    except Exception as error:  # W&B problems must not cost the run: it still has its own record
-        console.print(f"[yellow]W&B disabled for this run: {one_line(error)}[/yellow]")
-    tracker = FanOut(*trackers)
-
-    if not cfg.tracking.quiet:
-        start = f"resuming at iteration {resume_step}" if checkpoint else "starting"
-        console.print(f"{cfg.cell_name()}: {start}, {cfg.train.iterations} iterations on {info['device']}")
+def _fit(prepared: Prepared, tracker, checkpoint_dir: Path, checkpoint: dict | None, on_eval,
+         context: distributed.Context) -> tuple[str, int, dict[str, Any]]:
+    """fit() with every way a run can end turned into (status, exit code, summary)."""
+    cfg, data = prepared.cfg, prepared.data
     previous_signal = signal.signal(signal.SIGTERM, _raise_terminated)
     started = time.perf_counter()
     status, exit_code, summary = STATUS_FAILED, EXIT_FAILED, {}
     try:
-        result = fit(cfg, model, data, tracker, store.checkpoint_dir, resume=checkpoint, on_eval=on_eval)
+        result = fit(cfg, prepared.model, data, tracker, checkpoint_dir, resume=checkpoint, on_eval=on_eval,
+                     context=context)
         final = result.final
         summary = {
             "final_miou": final.miou, "best_miou": result.best_miou, "final_pixel_accuracy": final.pixel_accuracy,
@@ -256,12 +243,70 @@ def _train_locked(store: RunStore, prepared: Prepared, resume: bool, overwrite: 
         status, exit_code, summary = STATUS_PRUNED, EXIT_OK, {"reason": str(error)}
     except Exception as error:
         traceback.print_exc()
-        summary = {"reason": f"{error.__class__.__name__}: {one_line(error)}"}
+        reason = f"{error.__class__.__name__}: {one_line(error)}"
+        if context.enabled and isinstance(error, RuntimeError) and "gloo" in reason.lower() + "nccl":
+            reason += " (another rank of this torchrun job probably failed first: see its output)"
+        summary = {"reason": reason}
     finally:
         signal.signal(signal.SIGTERM, previous_signal)
-        summary |= {"wall_time_s": time.perf_counter() - started, "peak_memory_mb": peak_memory_mb(device),
-                    "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS"}
-        tracker.finish(status, summary)
+    device = prepared.device
+    summary |= {"wall_time_s": time.perf_counter() - started, "peak_memory_mb": peak_memory_mb(device),
+                "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS"}
+    return status, exit_code, summary
+
+
+def _follow_main(prepared: Prepared, context: distributed.Context) -> Outcome:
+    """A rank other than 0: train when rank 0 trains, from the checkpoint it names; no record."""
+    run_dir = RunStore(prepared.cfg.tracking.runs_dir, prepared.cfg).dir
+    decision, argument = distributed.broadcast(None, context)
+    if decision == "stop":
+        return Outcome(argument, EXIT_OK if argument == "skipped" else EXIT_USAGE, {}, run_dir)
+    checkpoint = load_checkpoint(Path(argument)) if argument else None
+    status, exit_code, summary = _fit(prepared, NullTracker(), run_dir / "checkpoints", checkpoint, None, context)
+    return Outcome(status, exit_code, summary, run_dir, summary.get("reason", ""))
+
+
+def _train_locked(store: RunStore, prepared: Prepared, resume: bool, overwrite: bool, extra_trackers: tuple,
+                  on_eval, console: Console, context: distributed.Context) -> Outcome:
+    cfg, device = prepared.cfg, prepared.device
+    checkpoint = None
+    previous = store.previous_summary()
+    if previous is not None:
+        outcome = None
+        if overwrite:
+            shutil.rmtree(store.dir)
+        elif not resume:
+            outcome = Outcome("exists", EXIT_USAGE, previous, store.dir,
+                              f"run {store.dir} exists ({previous.get('status')}): pass --resume to continue it "
+                              "or --overwrite to start over")
+        elif previous.get("status") == STATUS_COMPLETE:
+            outcome = Outcome("skipped", EXIT_OK, previous, store.dir, f"run {store.dir} is already complete")
+        elif (store.checkpoint_dir / "last.pt").exists():
+            checkpoint = load_checkpoint(store.checkpoint_dir / "last.pt")
+        if outcome is not None:
+            distributed.broadcast(("stop", outcome.status), context)
+            return outcome
+    distributed.broadcast(("train", str(store.checkpoint_dir / "last.pt") if checkpoint else None), context)
+    resume_step = checkpoint["iteration"] if checkpoint else None
+
+    info = environment_info(cfg, device) | {"world_size": context.world_size}
+    store.start(info, resume_from_step=resume_step)
+    trackers = [store, *extra_trackers]
+    try:
+        if cfg.tracking.wandb != "disabled":
+            sink = WandbSink(cfg, store.dir, resume_id=(previous or {}).get("wandb_id") if checkpoint else None)
+            store.update(wandb_id=sink.run_id)
+            trackers.append(sink)
+    except Exception as error:  # W&B problems must not cost the run: it still has its own record
+        console.print(f"[yellow]W&B disabled for this run: {one_line(error)}[/yellow]")
+    tracker = FanOut(*trackers)
+
+    if not cfg.tracking.quiet:
+        start = f"resuming at iteration {resume_step}" if checkpoint else "starting"
+        ranks = f" x {context.world_size} ranks" if context.enabled else ""
+        console.print(f"{cfg.cell_name()}: {start}, {cfg.train.iterations} iterations on {info['device']}{ranks}")
+    status, exit_code, summary = _fit(prepared, tracker, store.checkpoint_dir, checkpoint, on_eval, context)
+    tracker.finish(status, summary)
     message = "" if status == STATUS_COMPLETE else f"run {status}: {summary['reason']} (record: {store.dir})"
     return Outcome(status, exit_code, store.summary, store.dir, message)
 
@@ -286,17 +331,31 @@ def main(argv: list[str] | None = None, preset_dir: Path | None = None) -> int:
     prog = parser.prog
     preset_dir = preset_dir or Path("ablations/configs")
 
+    context = distributed.from_environment()
+
     def usage_error(message: str) -> int:
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        if context.is_main:
+            print(f"{prog}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
 
     try:
-        prepared = prepare(config_from_args(args, preset_dir, dict(os.environ)))
+        cfg = config_from_args(args, preset_dir, dict(os.environ))
+        distributed.start(context, distributed.device_for(context, pick_device(cfg.train.device)))
+        prepared = prepare(cfg, context)
     except (UsageError, ValueError, datasets.DataError, BackboneWeightsError) as error:
         return usage_error(one_line(error))
+    try:
+        return _run_and_report(args, prepared, context, console, prog, usage_error)
+    finally:
+        distributed.stop()
+
+
+def _run_and_report(args: argparse.Namespace, prepared: Prepared, context: distributed.Context, console: Console,
+                    prog: str, usage_error: Callable[[str], int]) -> int:
     cfg = prepared.cfg
     if args.print_config:
-        print(dump_yaml(cfg), end="")
+        if context.is_main:
+            print(dump_yaml(cfg), end="")
         return EXIT_OK
     if args.dry_run:
         parameters = sum(p.numel() for p in prepared.model.parameters())
@@ -305,7 +364,9 @@ def main(argv: list[str] | None = None, preset_dir: Path | None = None) -> int:
                       f"record: {RunStore(cfg.tracking.runs_dir, cfg).dir}")
         return EXIT_OK
 
-    outcome = run_cell(prepared, resume=args.resume, overwrite=args.overwrite, console=console)
+    outcome = run_cell(prepared, resume=args.resume, overwrite=args.overwrite, console=console, context=context)
+    if not context.is_main:
+        return outcome.exit_code
     if outcome.status in ("exists", "busy"):
         return usage_error(outcome.message)
     if outcome.status == "skipped":

@@ -162,6 +162,7 @@ class TrainConfig:
     amp: bool = True  # mixed precision on CUDA (ignored on the CPU)
     amp_dtype: str = "bfloat16"  # or "float16" (then with a gradient scaler)
     channels_last: bool = False
+    sync_bn: bool = True  # under torchrun: BatchNorm statistics over the global batch (CUDA only)
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
     log_every: int = 10
@@ -320,6 +321,7 @@ FIELD_HELP = {
     "amp": "mixed precision on CUDA (ignored on the CPU)",
     "amp_dtype": "mixed precision type: bfloat16 or float16 (with a gradient scaler)",
     "channels_last": "channels-last memory format",
+    "sync_bn": "under torchrun, SyncBatchNorm over the global batch (CUDA only; --no-sync-bn on the CPU)",
     "seed": "seed of everything random (weights, data order, augmentation, dropout)",
     "device": "auto (CUDA when available), cpu, cuda or cuda:N",
     "log_every": "iterations between training log records",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import random
 import resource
@@ -25,8 +26,10 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from torch.utils.data import DataLoader, Sampler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Sampler, Subset
 
+from danet import distributed
 from danet.config import EvalConfig, RunConfig
 from danet.data import DataBundle
 from danet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -76,11 +79,17 @@ class SeededBatchSampler(Sampler):
     batches of an epoch are dropped (BatchNorm dislikes tiny batches).
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, start: int, stop: int) -> None:
+    def __init__(self, size: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0,
+                 world_size: int = 1) -> None:
         if size < batch_size:
             raise ValueError(f"--batch-size {batch_size} is larger than the training set ({size} images)")
+        if batch_size % world_size:
+            raise ValueError(f"--batch-size {batch_size} (the global batch) must divide among {world_size} ranks")
         self.size, self.batch_size, self.seed, self.start, self.stop = size, batch_size, seed, start, stop
         self.batches_per_epoch = size // batch_size
+        # under torchrun each rank takes its contiguous slice of the same global batch
+        per_rank = batch_size // world_size
+        self.share = slice(rank * per_rank, (rank + 1) * per_rank)
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -92,7 +101,8 @@ class SeededBatchSampler(Sampler):
                 epoch = iteration // self.batches_per_epoch
                 order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
             offset = (iteration % self.batches_per_epoch) * self.batch_size
-            yield [(int(i), sample_seed(self.seed, epoch, int(i))) for i in order[offset:offset + self.batch_size]]
+            batch = order[offset:offset + self.batch_size][self.share]
+            yield [(int(i), sample_seed(self.seed, epoch, int(i))) for i in batch]
 
 
 def batches_per_epoch(dataset_size: int, batch_size: int) -> int:
@@ -260,17 +270,26 @@ def make_progress(quiet: bool) -> Progress | None:
 
 
 def fit(cfg: RunConfig, model: DANet, data: DataBundle, tracker: Tracker, checkpoint_dir: Path,
-        resume: dict[str, Any] | None = None, on_eval: Callable[[int, float], None] | None = None) -> FitResult:
+        resume: dict[str, Any] | None = None, on_eval: Callable[[int, float], None] | None = None,
+        context: distributed.Context = distributed.SINGLE) -> FitResult:
     """Train `model` for cfg.train.iterations, validating and checkpointing on the way.
 
     `resume` is a loaded checkpoint to continue from. `on_eval(iteration, miou)` is called after
-    each periodic validation (sweep drivers use it for pruning; it may raise to stop the run).
+    each periodic validation (sweep drivers use it for pruning; it may raise StopRun to end the
+    run). Under torchrun (`context`), each rank trains its slice of every global batch through
+    DistributedDataParallel and validates its share of the images (confusion matrices summed);
+    only rank 0 writes checkpoints, and `tracker` should be a NullTracker on the other ranks.
     """
     train = cfg.train
-    device = pick_device(train.device)
-    seed_everything(train.seed)
+    device = distributed.device_for(context, pick_device(train.device))
+    seed_everything(train.seed + context.rank)  # dropout differs per rank; the weights come from rank 0
     memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
+    network: torch.nn.Module = model
+    if context.enabled:
+        if train.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     use_amp = train.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if train.amp_dtype == "bfloat16" else torch.float16
     autocast = {"device_type": device.type, "dtype": amp_dtype, "enabled": use_amp}
@@ -292,19 +311,23 @@ def fit(cfg: RunConfig, model: DANet, data: DataBundle, tracker: Tracker, checkp
         _set_rng_state(resume["rng"])
 
     def checkpoint(name: str) -> None:
+        if not context.is_main:
+            return
         save_checkpoint(checkpoint_dir / f"{name}.pt", model=model.state_dict(), optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), iteration=iteration,
                         best_miou=best_miou, config=cfg.to_dict(), rng=_rng_state())
 
-    sampler = SeededBatchSampler(len(data.train), cfg.data.batch_size, train.seed, iteration, train.iterations)
+    sampler = SeededBatchSampler(len(data.train), cfg.data.batch_size, train.seed, iteration, train.iterations,
+                                 context.rank, context.world_size)
     loader_options = {"num_workers": cfg.data.workers, "pin_memory": device.type == "cuda",
                       "persistent_workers": False}
     train_loader = DataLoader(data.train, batch_sampler=sampler,
                               generator=torch.Generator().manual_seed(train.seed), **loader_options)
-    val_loader = DataLoader(data.val, batch_size=cfg.eval.eval_batch_size, shuffle=False, **loader_options)
+    val_share = Subset(data.val, range(context.rank, len(data.val), context.world_size))
+    val_loader = DataLoader(val_share, batch_size=cfg.eval.eval_batch_size, shuffle=False, **loader_options)
     periodic = dataclasses.replace(cfg.eval, eval_scales=(1.0,), eval_flip=False)
 
-    progress = make_progress(cfg.tracking.quiet)
+    progress = make_progress(cfg.tracking.quiet or not context.is_main)
     images_seen, eval_seconds, loop_start = 0, 0.0, time.perf_counter()
     model.train()
     with progress or contextlib.nullcontext():
@@ -314,9 +337,10 @@ def fit(cfg: RunConfig, model: DANet, data: DataBundle, tracker: Tracker, checkp
             images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             labels = labels.to(device, non_blocking=True)
             with torch.autocast(**autocast):
-                outputs = model(images)
+                outputs = network(images)
             loss = loss_fn(outputs, labels)
-            if not torch.isfinite(loss.total):
+            loss_value = distributed.mean(loss.total, context)  # the same on every rank
+            if not math.isfinite(loss_value):
                 terms = ", ".join(f"{name} {float(value):.4g}" for name, value in loss.terms.items())
                 raise NonFiniteLoss(f"non-finite loss at iteration {iteration + 1} ({terms})")
             optimizer.zero_grad(set_to_none=True)
@@ -330,13 +354,13 @@ def fit(cfg: RunConfig, model: DANet, data: DataBundle, tracker: Tracker, checkp
 
             if iteration % train.log_every == 0 or iteration == train.iterations:
                 now = time.perf_counter()
-                metrics = {"train/loss": float(loss.total.detach()), "train/lr": optimizer.param_groups[0]["lr"],
-                           "train/images_per_s": window_images / max(now - window_start, 1e-9)}
+                metrics = {"train/loss": loss_value, "train/lr": optimizer.param_groups[0]["lr"],
+                           "train/images_per_s": context.world_size * window_images / max(now - window_start, 1e-9)}
                 metrics |= {f"train/loss_{name}": float(value) for name, value in loss.terms.items()}
                 tracker.log(iteration, metrics)
                 window_start, window_images = now, 0
                 if progress:
-                    progress.update(task, info=f"loss {float(loss.total.detach()):.3f}")
+                    progress.update(task, info=f"loss {loss_value:.3f}")
             if progress:
                 progress.advance(task)
 
@@ -352,8 +376,15 @@ def fit(cfg: RunConfig, model: DANet, data: DataBundle, tracker: Tracker, checkp
                 checkpoint("last")
                 eval_seconds += time.perf_counter() - eval_start
                 window_start = time.perf_counter()
-                if on_eval:
-                    on_eval(iteration, scores.miou)
+                stop_reason = None
+                if on_eval and context.is_main:
+                    try:
+                        on_eval(iteration, scores.miou)
+                    except StopRun as stop:
+                        stop_reason = str(stop)
+                stop_reason = distributed.broadcast(stop_reason, context)  # every rank stops together
+                if stop_reason:
+                    raise StopRun(stop_reason)
             elif iteration % train.checkpoint_every == 0:
                 checkpoint("last")
 
@@ -367,4 +398,5 @@ def fit(cfg: RunConfig, model: DANet, data: DataBundle, tracker: Tracker, checkp
         best_miou = final.miou
         checkpoint("best")
     checkpoint("last")
-    return FitResult(best_miou, final, iteration, images_seen / max(train_seconds, 1e-9), train_seconds)
+    return FitResult(best_miou, final, iteration, context.world_size * images_seen / max(train_seconds, 1e-9),
+                     train_seconds)

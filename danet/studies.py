@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import platform
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +25,11 @@ from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from rich.console import Console
 
-from danet.cli import prepare, run_cell
+from danet.cli import Outcome, prepare, run_cell
 from danet.config import RunConfig, UsageError, merge, resolve_run_config
 from danet.engine import StopRun
 from danet.grids import load_grid
-from danet.tracking import STATUS_COMPLETE
+from danet.tracking import STATUS_COMPLETE, RunStore, find_complete, read_summary
 
 BUSY_POLL_SECONDS = 2.0
 SCHEMA_ATTEMPTS = 5
@@ -39,6 +41,7 @@ class StudySpec:
 
     mode: str  # "grid" or "search"
     name: str  # grid or search name
+    source: str  # the grid as given (name or path), for run.py --grid
     preset: str
     space: dict[str, Any]  # grid: {"cell": [ids]}; search: {param: optuna distribution or fixed value}
     cells: dict[str, dict[str, Any]]  # grid cells; empty for searches
@@ -46,7 +49,7 @@ class StudySpec:
 
 def grid_spec(grid_name: str, grid_dir: Path) -> StudySpec:
     grid = load_grid(grid_name, grid_dir)
-    return StudySpec("grid", grid.name, grid.preset, {"cell": list(grid.cells)}, grid.cells)
+    return StudySpec("grid", grid.name, grid_name, grid.preset, {"cell": list(grid.cells)}, grid.cells)
 
 
 def search_spec(search_path: Path) -> StudySpec:
@@ -71,7 +74,7 @@ def search_spec(search_path: Path) -> StudySpec:
             space[name] = optuna.distributions.IntDistribution(spec["min"], spec["max"])
         else:
             raise UsageError(f"{search_path}: parameter {name} has a form this driver does not read: {spec}")
-    return StudySpec("search", search_path.stem, preset, space, {})
+    return StudySpec("search", search_path.stem, str(search_path), preset, space, {})
 
 
 def visible_gpus(requested: str | None = None) -> list[str]:
@@ -122,8 +125,27 @@ def trial_config(spec: StudySpec, params: dict[str, Any], overrides: dict[str, d
 class Objective:
     """Runs one trial as an ordinary run with its own record."""
 
-    def __init__(self, spec: StudySpec, overrides: dict[str, dict[str, Any]], preset_dir: Path, console: Console):
+    def __init__(self, spec: StudySpec, overrides: dict[str, dict[str, Any]], preset_dir: Path, console: Console,
+                 processes_per_trial: int = 1, run_flags: tuple[str, ...] = ()):
         self.spec, self.overrides, self.preset_dir, self.console = spec, overrides, preset_dir, console
+        self.processes_per_trial, self.run_flags = processes_per_trial, run_flags
+
+    def _torchrun(self, trial: optuna.Trial, params: dict[str, Any], cfg: RunConfig) -> Outcome:
+        """The trial as `torchrun --nproc_per_node=N ablations/run.py ...` (no pruning: the run
+        is another process); its record is read back afterwards."""
+        if self.spec.mode == "grid":
+            cell_flags = ["--grid", self.spec.source, "--cell", params["cell"]]
+        else:
+            fixed = {name: value for name, value in self.spec.space.items()
+                     if not isinstance(value, optuna.distributions.BaseDistribution)}
+            cell_flags = ["--config", self.spec.preset] + [f"--{name}={value}" for name, value in (fixed | params).items()]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={self.processes_per_trial}", str(self.preset_dir.parent / "run.py"), "--resume",
+                   *cell_flags, *self.run_flags, "--study", trial.study.study_name, "--trial", str(trial.number)]
+        return_code = subprocess.run(command, check=False).returncode
+        run_dir = find_complete(cfg.tracking.runs_dir, cfg.cell_hash()) or RunStore(cfg.tracking.runs_dir, cfg).dir
+        summary = read_summary(run_dir) or {"reason": f"torchrun exited with {return_code} and left no record"}
+        return Outcome(summary.get("status", "failed"), return_code, summary, run_dir, summary.get("reason", ""))
 
     def _suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         if self.spec.mode == "grid":
@@ -156,7 +178,10 @@ class Objective:
                 raise StopRun(f"pruned by Optuna at iteration {iteration} (val mIoU {miou:.4f})")
 
         while True:
-            outcome = run_cell(prepared, resume=True, on_eval=report, console=self.console)
+            if self.processes_per_trial > 1:
+                outcome = self._torchrun(trial, params, prepared.cfg)
+            else:
+                outcome = run_cell(prepared, resume=True, on_eval=report, console=self.console)
             if outcome.status != "busy":
                 break
             time.sleep(BUSY_POLL_SECONDS)  # another worker trains this cell: wait for its record
@@ -175,7 +200,8 @@ class Objective:
 
 
 def run_worker(spec: StudySpec, storage: optuna.storages.BaseStorage, study_name: str, n_trials: int | None,
-               overrides: dict[str, dict[str, Any]], preset_dir: Path, pruner: str, console: Console) -> None:
+               overrides: dict[str, dict[str, Any]], preset_dir: Path, pruner: str, console: Console,
+               processes_per_trial: int = 1, run_flags: tuple[str, ...] = ()) -> None:
     if spec.mode == "grid":
         sampler: optuna.samplers.BaseSampler = optuna.samplers.GridSampler(spec.space)
         pruner_object: optuna.pruners.BasePruner = optuna.pruners.NopPruner()
@@ -189,6 +215,6 @@ def run_worker(spec: StudySpec, storage: optuna.storages.BaseStorage, study_name
     if n_trials is not None:  # a total across all workers, not per worker
         callbacks.append(optuna.study.MaxTrialsCallback(n_trials, states=None))
     console.print(f"worker {platform.node()}:{os.getpid()} joins study {study_name} ({spec.mode} {spec.name})")
-    study.optimize(Objective(spec, overrides, preset_dir, console), callbacks=callbacks, catch=(Exception,),
-                   gc_after_trial=True)
+    objective = Objective(spec, overrides, preset_dir, console, processes_per_trial, run_flags)
+    study.optimize(objective, callbacks=callbacks, catch=(Exception,), gc_after_trial=True)
 

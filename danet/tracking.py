@@ -193,6 +193,19 @@ class WandbSink:
         self.run.finish(exit_code=0 if status == STATUS_COMPLETE else 1)
 
 
+class NullTracker:
+    """Where the ranks other than 0 report under torchrun: nowhere."""
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def log_predictions(self, step, samples, class_names) -> None:
+        pass
+
+    def finish(self, status: str, summary: dict[str, Any]) -> None:
+        pass
+
+
 class FanOut:
     """Sends every event to each tracker in turn."""
 

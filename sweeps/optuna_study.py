@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default: 1)")
     parser.add_argument("--pruner", choices=["median", "hyperband"], default="median",
                         help="pruner of --search studies, fed by the periodic val mIoU (default: median)")
+    parser.add_argument("--nproc-per-trial", type=int, default=1,
+                        help="run each trial as `torchrun --nproc_per_node=N` (several GPUs per trial; no pruning)")
     parser.add_argument("--heartbeat", type=int, default=60,
                         help="seconds between heartbeats on sqlite/postgresql storage; a worker silent for 3 of "
                              "them is declared dead and its trial retried (default: 60)")
@@ -57,9 +59,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.workers > 1:  # the same command once per worker, each on its own GPU when there are GPUs
         command = [sys.executable, str(Path(__file__).resolve()), *own_flags_without_workers(own_flags), "--", *run_flags]
-        gpus = visible_gpus()
-        workers = [subprocess.Popen(command, env=dict(os.environ, CUDA_VISIBLE_DEVICES=gpus[index % len(gpus)])
-                                    if gpus else None) for index in range(args.workers)]
+        gpus, per_worker = visible_gpus(), max(1, args.nproc_per_trial)
+        workers = []
+        for index in range(args.workers):
+            share = [gpus[(index * per_worker + offset) % len(gpus)] for offset in range(per_worker)] if gpus else []
+            environment = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(share)) if share else None
+            workers.append(subprocess.Popen(command, env=environment))
         try:
             codes = [worker.wait() for worker in workers]
         except KeyboardInterrupt:
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     run_worker(spec, storage, args.study, args.n_trials, overrides, REPO / "ablations" / "configs", args.pruner,
-               console)
+               console, args.nproc_per_trial, tuple(run_flags))
     return 0
 
 
