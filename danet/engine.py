@@ -308,7 +308,9 @@ def fit(cfg: RunConfig, model: DANet, data: DataBundle, tracker: Tracker, checkp
         scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
         iteration, best_miou = resume["iteration"], resume["best_miou"]
-        _set_rng_state(resume["rng"])
+        _set_rng_state(resume["rng"])  # rank 0's state, saved by rank 0
+        if context.rank:  # the other ranks draw their own dropout masks again
+            torch.manual_seed(train.seed + context.rank + 7919 * iteration)
 
     def checkpoint(name: str) -> None:
         if not context.is_main:
