@@ -75,12 +75,3 @@ def mean(value: torch.Tensor, context: Context) -> float:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= context.world_size
     return float(value)
-
-
-def any_rank(flag: bool, context: Context, device: torch.device) -> bool:
-    """True on every rank when it is true on at least one."""
-    if not context.enabled:
-        return flag
-    tensor = torch.tensor(float(flag), device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
