@@ -244,7 +244,8 @@ def _fit(prepared: Prepared, tracker, checkpoint_dir: Path, checkpoint: dict | N
     except Exception as error:
         traceback.print_exc()
         reason = f"{error.__class__.__name__}: {one_line(error)}"
-        if context.enabled and isinstance(error, RuntimeError) and "gloo" in reason.lower() + "nccl":
+        if context.enabled and isinstance(error, RuntimeError) and any(
+                backend in reason.lower() for backend in ("gloo", "nccl")):
             reason += " (another rank of this torchrun job probably failed first: see its output)"
         summary = {"reason": reason}
     finally:

@@ -319,6 +319,14 @@ def fit(cfg: RunConfig, model: DANet, data: DataBundle, tracker: Tracker, checkp
                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), iteration=iteration,
                         best_miou=best_miou, config=cfg.to_dict(), rng=_rng_state())
 
+    def checkpoint_after_validation(miou: float) -> None:
+        """Save "best" when this validation beats the best so far, then "last"."""
+        nonlocal best_miou
+        if best_miou is None or miou > best_miou:
+            best_miou = miou
+            checkpoint("best")
+        checkpoint("last")
+
     sampler = SeededBatchSampler(len(data.train), cfg.data.batch_size, train.seed, iteration, train.iterations,
                                  context.rank, context.world_size)
     loader_options = {"num_workers": cfg.data.workers, "pin_memory": device.type == "cuda",
@@ -372,10 +380,7 @@ def fit(cfg: RunConfig, model: DANet, data: DataBundle, tracker: Tracker, checkp
                                            keep_samples=PREDICTIONS_LOGGED)
                 tracker.log(iteration, scores.as_metrics(data.class_names, "val") | attention_gammas(model))
                 tracker.log_predictions(iteration, samples, data.class_names)
-                if best_miou is None or scores.miou > best_miou:
-                    best_miou = scores.miou
-                    checkpoint("best")
-                checkpoint("last")
+                checkpoint_after_validation(scores.miou)
                 eval_seconds += time.perf_counter() - eval_start
                 window_start = time.perf_counter()
                 stop_reason = None
@@ -396,9 +401,6 @@ def fit(cfg: RunConfig, model: DANet, data: DataBundle, tracker: Tracker, checkp
     tracker.log(iteration, final.as_metrics(data.class_names, "val") | final.as_metrics(data.class_names, "final")
                 | attention_gammas(model))
     tracker.log_predictions(iteration, samples, data.class_names)
-    if best_miou is None or final.miou > best_miou:
-        best_miou = final.miou
-        checkpoint("best")
-    checkpoint("last")
+    checkpoint_after_validation(final.miou)
     return FitResult(best_miou, final, iteration, context.world_size * images_seen / max(train_seconds, 1e-9),
                      train_seconds)

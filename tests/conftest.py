@@ -1,4 +1,5 @@
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,16 @@ def run_cli(argv: list[str]) -> int:
     from danet.cli import main
 
     return main(argv, preset_dir=PRESETS)
+
+
+def wait_for_checkpoint(runs_dir: Path, process, timeout: float = 180) -> bool:
+    """Poll until a run under runs_dir has written checkpoints/last.pt, while `process` still runs."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if list(runs_dir.glob("*/checkpoints/last.pt")):
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def only_run_dir(runs_dir: Path) -> Path:

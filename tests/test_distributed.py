@@ -5,14 +5,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from danet.distributed import Context, from_environment
 from danet.engine import SeededBatchSampler
-from tests.conftest import REPO, only_run_dir, run_cli, summary_of, tiny_flags
+from tests.conftest import REPO, only_run_dir, run_cli, summary_of, tiny_flags, wait_for_checkpoint
 
 # 8 iterations of a global batch of 4 (2 per rank); dropout off, so the only difference between
 # 2 ranks and 1 process is BatchNorm: without SyncBatchNorm (CUDA only) each rank normalises with
@@ -79,12 +78,6 @@ def _rank_pids(parent_pid):
     return pids
 
 
-def _wait_for_checkpoint(runs, process):
-    deadline = time.time() + 180
-    while time.time() < deadline and process.poll() is None and not list(runs.glob("*/checkpoints/last.pt")):
-        time.sleep(0.05)
-
-
 def test_resume_under_two_processes_ends_like_an_uninterrupted_run(tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     longer = ("--iterations", "120", "--checkpoint-every", "5", "--eval-every", "60", "--synthetic-train-images", "16")
@@ -93,7 +86,7 @@ def test_resume_under_two_processes_ends_like_an_uninterrupted_run(tmp_path):
     assert process.returncode == 0, output
 
     process = _torchrun(killed, *longer)
-    _wait_for_checkpoint(killed, process)
+    assert wait_for_checkpoint(killed, process), process.communicate()
     for pid in [*_rank_pids(process.pid).values(), process.pid]:  # the whole job, without a word
         os.kill(pid, signal.SIGKILL)  # (torchrun starts its workers in sessions of their own)
     process.communicate()
@@ -109,7 +102,7 @@ def test_resume_under_two_processes_ends_like_an_uninterrupted_run(tmp_path):
 def test_a_dying_rank_stops_the_job_and_the_record_says_failed(tmp_path):
     runs = tmp_path / "runs"
     process = _torchrun(runs, "--iterations", "400", "--checkpoint-every", "4", "--synthetic-train-images", "16")
-    _wait_for_checkpoint(runs, process)
+    assert wait_for_checkpoint(runs, process), process.communicate()
     pids = _rank_pids(process.pid)
     assert set(pids) == {0, 1}, pids
     os.kill(pids[1], signal.SIGKILL)

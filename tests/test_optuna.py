@@ -17,7 +17,7 @@ from rich.console import Console
 from danet.config import UsageError
 from danet.grids import load_grid
 from danet.studies import Objective, grid_spec, open_storage, search_spec
-from tests.conftest import PRESETS, REPO, tiny_flags
+from tests.conftest import PRESETS, REPO, tiny_flags, wait_for_checkpoint
 
 GRIDS = REPO / "ablations" / "grids"
 DRIVER = REPO / "sweeps" / "optuna_study.py"
@@ -138,9 +138,7 @@ def test_postgres_killed_worker_trial_is_retried_and_the_grid_completes(tmp_path
     flags = _tiny_run_flags(runs, "--iterations", "24", "--checkpoint-every", "4", "--synthetic-train-images", "12")
     first = _driver("--grid", "demo", "--study", study, "--storage", postgres_url, "--heartbeat", "1", "--",
                     *flags, cwd=tmp_path)
-    deadline = time.time() + 180
-    while time.time() < deadline and not list(runs.glob("*/checkpoints/last.pt")):
-        time.sleep(0.05)
+    assert wait_for_checkpoint(runs, first), first.communicate()
     first.send_signal(signal.SIGKILL)
     first.communicate()
     storage = optuna.storages.RDBStorage(postgres_url)

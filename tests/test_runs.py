@@ -5,14 +5,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import yaml
 
 from danet.config import RunConfig
-from tests.conftest import REPO, only_run_dir, run_cli, summary_of, tiny_flags, write_png
+from tests.conftest import REPO, only_run_dir, run_cli, summary_of, tiny_flags, wait_for_checkpoint, write_png
 
 
 def _events(run_dir):
@@ -122,15 +121,7 @@ def test_killed_run_resumes_to_exactly_the_same_metrics(tmp_path):
     assert run_cli(tiny_flags(reference_runs, *settings)) == 0
 
     process = _subprocess_run(tiny_flags(killed_runs, *settings))
-    checkpoint = None
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        found = list(killed_runs.glob("*/checkpoints/last.pt"))
-        if found:
-            checkpoint = found[0]
-            break
-        time.sleep(0.02)
-    assert checkpoint is not None, process.communicate()
+    assert wait_for_checkpoint(killed_runs, process), process.communicate()
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert summary_of(killed_runs)["status"] == "running"  # died mid-run, without a word
@@ -151,9 +142,7 @@ def test_sigterm_records_failed_and_the_run_can_resume(tmp_path):
     runs = tmp_path / "runs"
     flags = tiny_flags(runs, "--iterations", "400", "--checkpoint-every", "5", "--synthetic-train-images", "12")
     process = _subprocess_run(flags)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(runs.glob("*/checkpoints/last.pt")):
-        time.sleep(0.05)
+    assert wait_for_checkpoint(runs, process), process.communicate()
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 1, stderr
