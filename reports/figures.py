@@ -17,12 +17,15 @@ from reports.sources import IOU_PREFIX, read_metrics  # noqa: E402
 from reports.tables import Layout  # noqa: E402
 
 
-def cell_label(row: pd.Series | dict, layout_rows: list[str]) -> str:
-    """'FCN', 'PAM', 'CAM', 'PAM+CAM' (+ the other row fields that vary) for a table row."""
+def cell_label(row: pd.Series | dict, layout: Layout) -> str:
+    """'FCN', 'PAM', 'CAM', 'PAM+CAM' (+ the other row fields that are on, + variant fields that
+    differ from their standard value) for a table row or a run."""
     parts = [name.upper() for name in ("pam", "cam") if row.get(name)]
     label = "+".join(parts) if parts else ("FCN" if "pam" in row else "base")
-    extras = [f"{name}={row[name]}" for name in layout_rows if name not in ("pam", "cam", "backbone")
+    extras = [f"{name}={row[name]}" for name in layout.rows if name not in ("pam", "cam", "backbone")
               and row.get(name)]
+    extras += [f"{name}={row[name]}" for name, standard in layout.variants.items()
+               if name in row and row[name] != standard]
     return " ".join([label, *extras])
 
 
@@ -60,7 +63,7 @@ def ablation_bars(table: pd.DataFrame, layout: Layout, out_dir: Path, title: str
 
 
 def _cell_names(runs: pd.DataFrame, layout: Layout) -> pd.Series:
-    return pd.Series([cell_label(row, layout.rows) + (f" ({row['backbone']})" if "backbone" in row else "")
+    return pd.Series([cell_label(row, layout) + (f" ({row['backbone']})" if "backbone" in row else "")
                       for _, row in runs.iterrows()], index=runs.index)
 
 

@@ -3,6 +3,7 @@ the baseline cell, the paper's number beside it, and costs. Written as Markdown,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +34,14 @@ class Layout:
     rows: list[str]  # the config fields (or derived columns) that make a row
     baseline: dict[str, Any]  # values that turn a row into its baseline row
     labels: dict[str, str]  # column headers
+    # fields that may split a row into variant rows, with their standard values (a row whose variant
+    # fields all have these values is the standard one; others are listed in a Variant column)
+    variants: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 TABLE1 = Layout("table1", ["backbone", "pam", "cam"], {"pam": False, "cam": False},
-                {"backbone": "BaseNet", "pam": "PAM", "cam": "CAM"})
+                {"backbone": "BaseNet", "pam": "PAM", "cam": "CAM"},
+                variants={"cam_energy": "code", "pam_reduction": 8})
 TABLE2 = Layout("table2", ["backbone", "random_scale", "multi_grid", "multi_scale_test"],
                 {"random_scale": False, "multi_grid": False, "multi_scale_test": False},
                 {"backbone": "BaseNet", "random_scale": "DA", "multi_grid": "Multi-Grid", "multi_scale_test": "MS"})
@@ -74,43 +79,64 @@ def paper_reference(layout: Layout) -> tuple[str | None, list[str], dict[tuple, 
     return section["dataset"], columns, {tuple(row[c] for c in columns): row["miou"] for row in section["rows"]}
 
 
+def _paired_statistics(by_seed: dict[int, float], baseline_by_seed: dict[int, float], prefix: str = "") -> dict:
+    """Paired delta by seed with its t-interval, sign-flip p, smallest reachable p and P(A > B)."""
+    delta = paired_delta(by_seed, baseline_by_seed)
+    differences = [by_seed[s] - baseline_by_seed[s] for s in delta.seeds]
+    statistics = {"delta": delta.interval.mean, "delta_low": delta.interval.low, "delta_high": delta.interval.high,
+                  "delta_n": delta.interval.n, "delta_includes_zero": delta.interval.includes_zero,
+                  "unpaired_seeds": delta.unpaired,
+                  "p_value": sign_flip_p_value(differences) if differences else math.nan,
+                  "p_min": smallest_p_value(len(differences)) if differences else math.nan,
+                  "p_improvement": probability_of_improvement(list(by_seed.values()), list(baseline_by_seed.values()))}
+    return {prefix + name: value for name, value in statistics.items()}
+
+
 def ablation_table(runs: pd.DataFrame, layout: Layout, metric: str = "final_miou") -> pd.DataFrame:
-    """One row per cell of the layout over the complete runs (others are not averaged in)."""
+    """One row per cell of the layout over the complete runs (others are not averaged in).
+
+    Variant fields of the layout that take several values become part of the row key: such a row is
+    compared with the baseline (delta, p_value, ...) and with its standard row (standard_delta, ...)."""
     complete = add_derived_columns(runs[runs["status"] == "complete"])
     if complete.empty:
         raise MixedCellError("no complete runs to tabulate")
-    rows = [column for column in layout.rows if column in complete.columns]
+    varying = [field for field in layout.variants if field in complete and complete[field].astype(str).nunique() > 1]
+    rows = [column for column in layout.rows if column in complete.columns] + varying
     check_not_mixed(complete, rows)
     paper_dataset, paper_columns, paper = paper_reference(layout)
+    paper_backbones = sorted({key[paper_columns.index("backbone")] for key in paper}, key=lambda name: (len(name), name)) \
+        if "backbone" in paper_columns else []  # resnet50 before resnet101
     groups = {key if isinstance(key, tuple) else (key,): group for key, group in complete.groupby(rows)}
+    by_seed_of = {key: dict(zip(group["seed"], group[metric] * 100)) for key, group in groups.items()}
+
+    def standard(values: dict[str, Any], **fixed: Any) -> tuple:
+        return tuple(fixed.get(column, layout.variants.get(column, value)) for column, value in values.items())
+
     records = []
     for key, group in groups.items():
         values = dict(zip(rows, key))
-        by_seed = dict(zip(group["seed"], group[metric] * 100))
+        by_seed = by_seed_of[key]
+        variant = ", ".join(f"{field}={values[field]}" for field in varying if values[field] != layout.variants[field])
         cell = t_interval(list(by_seed.values()))
-        record = {**values, "n": cell.n, "mean": cell.mean, "sd": cell.sd, "ci_low": cell.low, "ci_high": cell.high,
-                  "seeds": sorted(by_seed), "minutes": group["wall_time_s"].mean() / 60,
+        record = {**values, "variant": variant, "n": cell.n, "mean": cell.mean, "sd": cell.sd, "ci_low": cell.low,
+                  "ci_high": cell.high, "seeds": sorted(by_seed), "minutes": group["wall_time_s"].mean() / 60,
                   "images_per_s": group["images_per_second"].mean(), "peak_memory_mb": group["peak_memory_mb"].mean()}
-        baseline_key = tuple(layout.baseline.get(column, value) for column, value in values.items())
+        baseline_key = standard(values, **layout.baseline)
         if baseline_key in groups and baseline_key != key:
-            baseline = groups[baseline_key]
-            baseline_by_seed = dict(zip(baseline["seed"], baseline[metric] * 100))
-            delta = paired_delta(by_seed, baseline_by_seed)
-            record |= {"delta": delta.interval.mean, "delta_low": delta.interval.low, "delta_high": delta.interval.high,
-                       "delta_n": delta.interval.n, "delta_includes_zero": delta.interval.includes_zero,
-                       "unpaired_seeds": delta.unpaired,
-                       "p_value": sign_flip_p_value([by_seed[s] - baseline_by_seed[s] for s in delta.seeds])
-                       if delta.seeds else math.nan,
-                       "p_min": smallest_p_value(len(delta.seeds)) if delta.seeds else math.nan,
-                       "p_improvement": probability_of_improvement(list(by_seed.values()),
-                                                                   list(baseline_by_seed.values()))}
-        reference = paper.get(tuple(values.get(c) for c in paper_columns))
+            record |= _paired_statistics(by_seed, by_seed_of[baseline_key])
+        if variant and standard(values) in groups:
+            record |= _paired_statistics(by_seed, by_seed_of[standard(values)], prefix="standard_")
+        # the paper's numbers, per backbone it reports, for the standard rows only
+        for backbone in paper_backbones:
+            paper_key = tuple(backbone if c == "backbone" else values.get(c) for c in paper_columns)
+            record[f"paper_{backbone}"] = None if variant else paper.get(paper_key)
+        reference = None if variant else paper.get(tuple(values.get(c) for c in paper_columns))
         record["paper"] = reference
         same_data = paper_dataset is not None and set(group["dataset"]) == {paper_dataset}
         record["ours_minus_paper"] = cell.mean - reference if reference is not None and same_data else None
         records.append(record)
-    # the paper's order: baseline first, then by how many parts are switched on (PAM before CAM)
-    records.sort(key=lambda r: (sum(r[c] != v for c, v in layout.baseline.items() if c in r),
+    # the paper's order: baseline first, then by how many parts are switched on (PAM before CAM), variants last
+    records.sort(key=lambda r: (sum(r[c] != v for c, v in layout.baseline.items() if c in r), bool(r["variant"]),
                                 tuple(r[c] == v for c, v in layout.baseline.items() if c in r),
                                 tuple(str(r[c]) for c in rows)))
     table = pd.DataFrame(records)
@@ -150,6 +176,15 @@ def _p_text(row: pd.Series) -> str:
     return _number(row["p_holm"], 3)
 
 
+def _delta_text(row: pd.Series, prefix: str = "") -> str:
+    delta = row.get(prefix + "delta")
+    if delta is None or pd.isna(delta):
+        return ""
+    low, high = row[prefix + "delta_low"], row[prefix + "delta_high"]
+    return f"{delta:+.2f} [{_number(low)}, {_number(high)}]" + (" (CI includes 0)" if row[prefix + "delta_includes_zero"]
+                                                                else "")
+
+
 def presentable(table: pd.DataFrame, layout: Layout, baseline_name: str, paper_dataset: str | None) -> pd.DataFrame:
     """The table as text cells (mIoU in %), as the paper would print it plus our statistics."""
     out = pd.DataFrame()
@@ -158,22 +193,26 @@ def presentable(table: pd.DataFrame, layout: Layout, baseline_name: str, paper_d
     for column in layout.rows:
         if column in table:
             out[layout.labels.get(column, column)] = [_flag(value) for value in table[column]]
+    has_variants = table["variant"].astype(bool).any()
+    if has_variants:
+        out["Variant"] = table["variant"].tolist()
     out["mIoU (mean ± sd)"] = [f"{_number(m)} ± {_number(s)}" if not math.isnan(s) else _number(m)
                                for m, s in zip(table["mean"], table["sd"])]
     out["n"] = table["n"].astype(int)
     out["95% CI"] = [f"[{_number(lo)}, {_number(hi)}]" if not math.isnan(lo) else "" for lo, hi in
                      zip(table["ci_low"], table["ci_high"])]
     if "delta" in table:
-        out[f"Δ vs {baseline_name} [95% CI]"] = [
-            "" if pd.isna(row["delta"]) else
-            f"{row['delta']:+.2f} [{_number(row['delta_low'])}, {_number(row['delta_high'])}]"
-            + (" (CI includes 0)" if row["delta_includes_zero"] else "")
-            for _, row in table.iterrows()]
+        out[f"Δ vs {baseline_name} [95% CI]"] = [_delta_text(row) for _, row in table.iterrows()]
         out["p (one-sided, Holm)"] = [_p_text(row) if not pd.isna(row["delta"]) else "" for _, row in table.iterrows()]
         out[f"P(> {baseline_name})"] = [_number(value) for value in table["p_improvement"]]
-    label = f"paper ({paper_dataset})" if paper_dataset else "paper"
-    out[label] = [_number(value) for value in table["paper"]]
-    out["ours − paper"] = [_number(value) for value in table["ours_minus_paper"]]
+    if "standard_delta" in table:
+        out["Δ vs standard [95% CI]"] = [_delta_text(row, "standard_") for _, row in table.iterrows()]
+    for column in (c for c in table if c.startswith("paper_")):
+        name = column.removeprefix("paper_").replace("resnet", "R")
+        out[f"paper {name} ({paper_dataset})" if paper_dataset else f"paper {name}"] = \
+            [_number(value) for value in table[column]]
+    if table["ours_minus_paper"].notna().any():
+        out["ours − paper"] = [_number(value) for value in table["ours_minus_paper"]]
     out["min / run"] = [_number(value, 1) for value in table["minutes"]]
     out["images / s"] = [_number(value, 1) for value in table["images_per_s"]]
     out["peak MiB"] = [_number(value, 0) for value in table["peak_memory_mb"]]

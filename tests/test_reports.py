@@ -128,13 +128,38 @@ def test_cells_mixing_different_settings_are_refused(tmp_path):
         ablation_table(read_run_store(runs), TABLE1)
 
 
+def test_variant_rows_are_split_out_and_compared_with_their_standard_row(tmp_path):
+    runs = tmp_path / "runs"
+    standard, paper_energy = [0.50, 0.52, 0.51], [0.49, 0.50, 0.52]
+    for seed in range(3):
+        _write_run(runs, f"fcn_s{seed}", 0.45, backbone="resnet18", pam=False, cam=False, seed=seed)
+        _write_run(runs, f"both_s{seed}", standard[seed], backbone="resnet18", pam=True, cam=True, seed=seed)
+        _write_run(runs, f"paper_s{seed}", paper_energy[seed], backbone="resnet18", pam=True, cam=True, seed=seed,
+                   cam_energy="paper")
+    table = ablation_table(read_run_store(runs), TABLE1)
+    assert table["variant"].tolist() == ["", "", "cam_energy=paper"]  # the variant row comes last
+    variant = table.iloc[2]
+    assert variant["delta"] == pytest.approx(np.mean(paper_energy) * 100 - 45)  # against the FCN cell
+    differences = (np.array(paper_energy) - np.array(standard)) * 100
+    assert variant["standard_delta"] == pytest.approx(differences.mean())  # against PAM+CAM with the code's energy
+    assert variant["standard_p_value"] == pytest.approx(sign_flip_p_value(list(differences)))
+    assert math.isnan(table.iloc[1].get("standard_delta", math.nan))
+    # ResNet-18 is not in the paper: its R50 and R101 numbers are context, for the standard rows only
+    assert table["paper_resnet50"].tolist()[:2] == [70.03, 76.34] and table["paper_resnet101"].iloc[1] == 77.57
+    assert pd.isna(variant["paper_resnet50"]) and table["ours_minus_paper"].isna().all()
+    text = presentable(table, TABLE1, "FCN", "cityscapes")
+    assert text["Variant"].tolist() == ["", "", "cam_energy=paper"]
+    assert list(text.columns).index("paper R50 (cityscapes)") < list(text.columns).index("paper R101 (cityscapes)")
+    assert "ours − paper" not in text and text["Δ vs standard [95% CI]"].iloc[2].startswith(f"{differences.mean():+.2f}")
+
+
 def test_the_command_writes_tables_and_lists_incomplete_runs(table1_runs, tmp_path, capsys):
     out = tmp_path / "out"
     assert make_tables.main(["--runs-dir", str(table1_runs), "--out", str(out), "--rows", "pam", "--cols", "cam"]) == 0
     for name in ("table1.md", "table1.tex", "table1.csv", "runs.csv", "not_complete.csv", "generic.md"):
         assert (out / name).exists(), name
     markdown = (out / "table1.md").read_text()
-    assert "| Dilated FCN | resnet50 |" in markdown and "paper (cityscapes)" in markdown
+    assert "| Dilated FCN | resnet50 |" in markdown and "paper R50 (cityscapes)" in markdown
     assert "\\toprule" in (out / "table1.tex").read_text()
     csv = pd.read_csv(out / "table1.csv")
     assert csv["mean"].iloc[0] == pytest.approx(np.mean(CELLS[(False, False)]) * 100)
@@ -213,7 +238,6 @@ def test_wandb_source_reads_configs_and_summaries_in_one_query():
 
 def test_optuna_source_reads_the_records_of_the_studys_trials(table1_runs, tmp_path):
     import optuna
-
     from reports.sources import read_optuna
 
     storage = f"sqlite:///{tmp_path / 'study.db'}"

@@ -1,0 +1,33 @@
+"""The published CamVid CPU results: the committed records are exactly the grid's cells under the
+current preset, and the committed table is what the report command rebuilds from them."""
+
+import pandas as pd
+
+from danet.config import resolve_for_dataset
+from danet.grids import load_grid
+from reports import make_tables
+from reports.sources import read_run_store
+from tests.conftest import REPO
+from tests.test_sweeps import GRIDS, resolve
+
+RESULTS = REPO / "results" / "camvid_cpu"
+CAMVID_CLASSES = 11
+
+
+def test_committed_records_are_the_whole_grid_under_the_current_preset():
+    runs = read_run_store(RESULTS / "runs")
+    assert (runs["status"] == "complete").all(), runs.loc[runs["status"] != "complete", "run_id"].tolist()
+    expected = {}
+    for cell_id in load_grid("camvid_cpu", GRIDS).cells:
+        cfg = resolve_for_dataset(resolve(["--grid", "camvid_cpu", "--cell", cell_id]), CAMVID_CLASSES, 46)
+        expected[cfg.cell_hash()] = cell_id
+    missing = [cell_id for cell_hash, cell_id in expected.items() if cell_hash not in set(runs["cell_hash"])]
+    assert not missing, f"cells without a committed record: {missing}"
+    assert sorted(runs["cell_hash"]) == sorted(expected), "records that are not cells of the grid"
+
+
+def test_published_table_rebuilds_from_the_committed_records(tmp_path):
+    assert make_tables.main(["--runs-dir", str(RESULTS / "runs"), "--out", str(tmp_path), "--no-figures"]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "table1.csv"), pd.read_csv(RESULTS / "table1.csv"))
+    for name in ("table1.md", "table1.tex"):
+        assert (tmp_path / name).read_text() == (RESULTS / name).read_text(), name
