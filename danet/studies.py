@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,25 @@ class Objective:
         return float(outcome.summary["final_miou"])
 
 
+class ProgressLine:
+    """After each trial, one line: how it ended and where the whole study stands (all workers)."""
+
+    def __init__(self, spec: StudySpec, console: Console) -> None:
+        self.spec, self.console = spec, console
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        trials = study.get_trials(deepcopy=False)
+        states = Counter(t.state.name.lower() for t in trials)
+        ended = f"val mIoU {trial.value:.4f}" if trial.value is not None else trial.user_attrs.get("reason", "")
+        if self.spec.mode == "grid":
+            done = {t.params.get("cell") for t in trials if t.state == optuna.trial.TrialState.COMPLETE}
+            standing = f"{len(done)}/{len(self.spec.space['cell'])} cells complete"
+        else:
+            standing = f"{states['complete']} trials complete, {states['pruned']} pruned"
+        self.console.print(f"trial {trial.number} {trial.params} {trial.state.name.lower()}: {ended} | study "
+                           f"{study.study_name}: {standing}, {states['running']} running, {states['fail']} failed")
+
+
 def run_worker(spec: StudySpec, storage: optuna.storages.BaseStorage, study_name: str, n_trials: int | None,
                overrides: dict[str, dict[str, Any]], preset_dir: Path, pruner: str, console: Console,
                processes_per_trial: int = 1, run_flags: tuple[str, ...] = ()) -> None:
@@ -211,7 +231,7 @@ def run_worker(spec: StudySpec, storage: optuna.storages.BaseStorage, study_name
                          else optuna.pruners.MedianPruner(n_startup_trials=3))
     study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner_object,
                                 direction="maximize", load_if_exists=True)
-    callbacks = []
+    callbacks = [ProgressLine(spec, console)]
     if n_trials is not None:  # a total across all workers, not per worker
         callbacks.append(optuna.study.MaxTrialsCallback(n_trials, states=None))
     console.print(f"worker {platform.node()}:{os.getpid()} joins study {study_name} ({spec.mode} {spec.name})")

@@ -67,6 +67,7 @@ def test_grid_study_with_two_workers_runs_every_cell_exactly_once_and_restarts_c
     output, _ = again.communicate(timeout=600)
     assert again.returncode == 0, output
     assert {path: path.stat().st_mtime_ns for path in runs.glob("*/summary.json")} == modified  # nothing retrained
+    assert "| study demo: 8/8 cells complete, 0 running, 0 failed" in output  # the progress line after each trial
 
 
 def test_failed_trials_are_recorded_with_the_reason(tmp_path):
@@ -82,6 +83,7 @@ def test_failed_trials_are_recorded_with_the_reason(tmp_path):
     assert trial.state == optuna.trial.TrialState.FAIL
     assert trial.user_attrs["reason"].startswith("non-finite loss at iteration")
     assert _records(runs)[0]["status"] == "failed"
+    assert "fail: non-finite loss at iteration" in output and "0/1 cells complete, 0 running, 1 failed" in output
 
 
 def test_search_trials_report_val_miou_and_can_be_pruned(tmp_path):

@@ -238,6 +238,7 @@ def test_wandb_source_reads_configs_and_summaries_in_one_query():
 
 def test_optuna_source_reads_the_records_of_the_studys_trials(table1_runs, tmp_path):
     import optuna
+
     from reports.sources import read_optuna
 
     storage = f"sqlite:///{tmp_path / 'study.db'}"
