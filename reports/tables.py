@@ -193,8 +193,7 @@ def presentable(table: pd.DataFrame, layout: Layout, baseline_name: str, paper_d
     for column in layout.rows:
         if column in table:
             out[layout.labels.get(column, column)] = [_flag(value) for value in table[column]]
-    has_variants = table["variant"].astype(bool).any()
-    if has_variants:
+    if table["variant"].astype(bool).any():
         out["Variant"] = table["variant"].tolist()
     out["mIoU (mean ± sd)"] = [f"{_number(m)} ± {_number(s)}" if not math.isnan(s) else _number(m)
                                for m, s in zip(table["mean"], table["sd"])]
