@@ -215,8 +215,10 @@ class ProgressLine:
             standing = f"{len(done)}/{len(self.spec.space['cell'])} cells complete"
         else:
             standing = f"{states['complete']} trials complete, {states['pruned']} pruned"
-        self.console.print(f"trial {trial.number} {trial.params} {trial.state.name.lower()}: {ended} | study "
-                           f"{study.study_name}: {standing}, {states['running']} running, {states['fail']} failed")
+        params = " ".join(f"{name}={value}" for name, value in trial.params.items())
+        self.console.print(f"trial {trial.number} {params} {trial.state.name.lower()}: {ended} | study "
+                           f"{study.study_name}: {standing}, {states['running']} running, {states['fail']} failed",
+                           markup=False, soft_wrap=True)  # one greppable line; reasons may hold [brackets]
 
 
 def run_worker(spec: StudySpec, storage: optuna.storages.BaseStorage, study_name: str, n_trials: int | None,
