@@ -181,6 +181,8 @@ def _delta_text(row: pd.Series, prefix: str = "") -> str:
     if delta is None or pd.isna(delta):
         return ""
     low, high = row[prefix + "delta_low"], row[prefix + "delta_high"]
+    if pd.isna(low):
+        return f"{delta:+.2f} (one pair: no interval)"
     return f"{delta:+.2f} [{_number(low)}, {_number(high)}]" + (" (CI includes 0)" if row[prefix + "delta_includes_zero"]
                                                                 else "")
 

@@ -151,6 +151,8 @@ def test_variant_rows_are_split_out_and_compared_with_their_standard_row(tmp_pat
     assert text["Variant"].tolist() == ["", "", "cam_energy=paper"]
     assert list(text.columns).index("paper R50 (cityscapes)") < list(text.columns).index("paper R101 (cityscapes)")
     assert "ours − paper" not in text and text["Δ vs standard [95% CI]"].iloc[2].startswith(f"{differences.mean():+.2f}")
+    one_pair = ablation_table(read_run_store(runs).query("seed == 0"), TABLE1)
+    assert presentable(one_pair, TABLE1, "FCN", "cityscapes")["Δ vs FCN [95% CI]"].iloc[1] == "+5.00 (one pair: no interval)"
 
 
 def test_the_command_writes_tables_and_lists_incomplete_runs(table1_runs, tmp_path, capsys):
