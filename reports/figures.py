@@ -90,6 +90,7 @@ def miou_curves(runs: pd.DataFrame, layout: Layout, out_dir: Path, title: str) -
     history["val/mIoU"] *= 100
     figure, axis = plt.subplots(figsize=(7, 4))
     sns.lineplot(data=history, x="step", y="val/mIoU", hue="cell", errorbar="sd", marker="o", ax=axis)
+    sns.move_legend(axis, "upper left", bbox_to_anchor=(1.01, 1), frameon=False)  # keep the curves visible
     axis.set_xlabel("training iteration")
     axis.set_ylabel("val mIoU (%), mean ± sd over seeds")
     axis.set_title(title)
@@ -107,6 +108,7 @@ def gamma_curves(runs: pd.DataFrame, layout: Layout, out_dir: Path, title: str) 
     long["module"] = long["module"].str.replace("gamma/", "").str.upper()
     figure, axis = plt.subplots(figsize=(7, 4))
     sns.lineplot(data=long, x="step", y="gamma", hue="cell", style="module", errorbar="sd", ax=axis)
+    sns.move_legend(axis, "upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     axis.axhline(0, color="gray", linewidth=0.8)
     axis.set_xlabel("training iteration")
     axis.set_ylabel("gamma (mean ± sd over seeds)")
