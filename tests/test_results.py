@@ -1,8 +1,9 @@
-"""The published CamVid CPU results: every committed record is a complete run of a cell of the
-camvid_cpu grid under the current preset (one record per cell), and the committed table is what the
-report command rebuilds from them."""
+"""The published CamVid results: every committed CPU record is a complete run of a cell of the
+camvid_cpu grid under the current preset (one record per cell), and each committed table (CPU grid,
+GPU check) is what the report command rebuilds from its records."""
 
 import pandas as pd
+import pytest
 
 from danet.config import resolve_for_dataset
 from danet.grids import load_grid
@@ -26,8 +27,9 @@ def test_committed_records_are_cells_of_the_grid_under_the_current_preset():
     assert runs["cell_hash"].is_unique
 
 
-def test_published_table_rebuilds_from_the_committed_records(tmp_path):
-    assert make_tables.main(["--runs-dir", str(RESULTS / "runs"), "--out", str(tmp_path), "--no-figures"]) == 0
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "table1.csv"), pd.read_csv(RESULTS / "table1.csv"))
+@pytest.mark.parametrize("results", [RESULTS, REPO / "results" / "camvid_gpu"], ids=lambda path: path.name)
+def test_published_table_rebuilds_from_the_committed_records(results, tmp_path):
+    assert make_tables.main(["--runs-dir", str(results / "runs"), "--out", str(tmp_path), "--no-figures"]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "table1.csv"), pd.read_csv(results / "table1.csv"))
     for name in ("table1.md", "table1.tex"):
-        assert (tmp_path / name).read_text() == (RESULTS / name).read_text(), name
+        assert (tmp_path / name).read_text() == (results / name).read_text(), name
