@@ -115,16 +115,12 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     return out.to(v.dtype)
 
 
-def fused_impl_for(device: torch.device) -> str:
-    """The memory-saving implementation that measured best on this kind of device.
-
-    The chunked kernel on both kinds measured so far. CPU: SDPA's kernels recompute q k^T once per
-    value slice (6x slower, 8x the memory). CUDA (an H200): SDPA falls back to its math kernel for
-    this shape of problem, 7.6x the explicit kernel's memory, while chunked needs 0.1-0.2x of it and
-    trained DANet faster than SDPA. README "Benchmarks" has the numbers (`python -m danet.bench
-    attention`); a device where another kernel wins gets its branch here.
-    """
-    return "chunked"
+# The kernel behind impl="fused": the memory-saving one that measured best, on both kinds of device
+# measured so far. CPU: SDPA's kernels recompute q k^T once per value slice (6x slower, 8x the
+# memory). CUDA (an H200): SDPA falls back to its math kernel for this shape of problem, 7.6x the
+# explicit kernel's memory, while chunked needs 0.1-0.2x of it and trained DANet faster than SDPA.
+# README "Benchmarks" has the numbers (`python -m danet.bench attention`).
+FUSED_IMPL = "chunked"
 
 
 ATTENTION_FUNCTIONS = {"explicit": explicit_attention, "sdpa": sdpa_attention, "chunked": chunked_attention}
@@ -162,7 +158,7 @@ class PositionAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
         q, k, v = self._flat(self.query, x), self._flat(self.key, x), self._flat(self.value, x)
-        impl = fused_impl_for(x.device) if self.impl == "fused" else self.impl
+        impl = FUSED_IMPL if self.impl == "fused" else self.impl
         out = ATTENTION_FUNCTIONS[impl](q, k, v)  # B, N, C
         out = out.transpose(1, 2).reshape(batch, channels, height, width)
         return self.gamma * out + x
