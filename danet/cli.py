@@ -1,74 +1,94 @@
-"""The command line of one run (`ablations/run.py` is a thin wrapper around `main`).
+"""The command line of one run (`ablations/run.py` is a thin wrapper around `main`): the argparse
+binding of the config fields, and what is printed. The run itself is `danet.runner.run_cell`.
 
 Exit status: 0 done, 2 usage / config / data error, 1 failure during the run (recorded as failed).
+This module imports torch only once a run is asked for, so `--help` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-import platform
-import shutil
-import signal
-import subprocess
 import sys
-import time
-import traceback
-from dataclasses import dataclass
-from importlib import metadata
+import typing
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import torch
-from rich.console import Console
-from rich.table import Table
-
-from danet import data as datasets
-from danet import distributed
-from danet.config import (
-    OneLineErrorParser,
-    RunConfig,
-    UsageError,
-    add_config_arguments,
-    dump_yaml,
-    explicit_settings,
-    resolve_for_dataset,
-    resolve_run_config,
-)
-from danet.engine import (
-    NonFiniteLoss,
-    StopRun,
-    batches_per_epoch,
-    fit,
-    load_checkpoint,
-    peak_memory_mb,
-    pick_device,
-    seed_everything,
-)
+from danet.config import EXIT_OK, EXIT_USAGE, SECTIONS, RunConfig, UsageError, dump_yaml, resolve_run_config
 from danet.grids import grid_cell, load_grid
-from danet.models import DANet, build
-from danet.models.backbone import BackboneWeightsError
-from danet.tracking import (
-    STATUS_COMPLETE,
-    STATUS_FAILED,
-    STATUS_PRUNED,
-    FanOut,
-    NullTracker,
-    RunStore,
-    WandbSink,
-    find_complete,
-    read_summary,
-)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_PRESET = "demo"
 # the reports tool of a source checkout (it reads records; the library does not need it)
 REPORTS_SCRIPT = Path(__file__).resolve().parents[1] / "reports" / "make_tables.py"
-LIBRARIES = ("torch", "torchvision", "albumentations", "numpy", "wandb", "optuna")
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
-class Terminated(Exception):
-    """SIGTERM (a W&B agent or a scheduler stopping the run)."""
+def parse_bool(text: str) -> bool:
+    if text.lower() in TRUE_WORDS:
+        return True
+    if text.lower() in FALSE_WORDS:
+        return False
+    raise ValueError(f"expected one of {TRUE_WORDS + FALSE_WORDS}, got {text!r}")
+
+
+def parse_float_list(text: str) -> list[float]:
+    """'0.5,0.75', '0.5 0.75' or '[0.5, 0.75]' (the form W&B agents send)."""
+    items = text.strip().strip("[]()").replace(",", " ").split()
+    if not items:
+        raise ValueError("expected a list of numbers")
+    return [float(item) for item in items]
+
+
+class BoolFlag(argparse.Action):
+    """--pam, --no-pam, --pam=true|false|1|0 (W&B agents send --pam=True / --pam=False)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        try:
+            flag = True if value is None else parse_bool(value)
+        except ValueError as error:
+            raise argparse.ArgumentError(self, str(error)) from None
+        setattr(namespace, self.dest, flag if not option_string.startswith("--no-") else not flag)
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _field_flags(name: str) -> list[str]:
+    flags = [f"--{name.replace('_', '-')}"]
+    return flags + [f"--{name}"] if "_" in name else flags  # W&B sends the YAML key as it is
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field, dest 'section.field', absent from the namespace unless given."""
+    for section_name, section in SECTIONS.items():
+        group = parser.add_argument_group(f"{section_name} settings")
+        hints = typing.get_type_hints(section)
+        for field in dataclasses.fields(section):
+            if not field.metadata["flag"]:
+                continue
+            flags, kind = _field_flags(field.name), hints[field.name]
+            options = {"dest": f"{section_name}.{field.name}", "default": argparse.SUPPRESS,
+                       "help": f"{field.metadata['help']} (default: {field.default})"}
+            if kind is bool:
+                flags.append(f"--no-{field.name.replace('_', '-')}")
+                group.add_argument(*flags, action=BoolFlag, nargs="?", metavar="BOOL", **options)
+            elif typing.get_origin(kind) is tuple:
+                group.add_argument(*flags, type=parse_float_list, metavar="LIST", **options)
+            else:
+                group.add_argument(*flags, type=kind, metavar=kind.__name__.upper(), **options)
+
+
+def explicit_settings(namespace: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The config fields given on the command line, as {section: {field: value}}."""
+    settings: dict[str, dict[str, Any]] = {}
+    for key, value in vars(namespace).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            settings.setdefault(section, {})[name] = value
+    return settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,45 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def git_revision() -> str | None:
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return result.stdout.strip() or None
+def config_from_args(args: argparse.Namespace, preset_dir: Path, environment: dict[str, str]) -> RunConfig:
+    """The run config a command line asks for: preset (or grid cell), then flags."""
+    preset, cell = args.config or DEFAULT_PRESET, None
+    if args.grid or args.cell:
+        if not (args.grid and args.cell):
+            raise UsageError("--grid and --cell go together")
+        if args.config:
+            raise UsageError("--config with --grid: the grid names its preset")
+        grid = load_grid(args.grid, preset_dir.parent / "grids")
+        preset, cell = grid.preset, grid_cell(grid, args.cell)
+    return resolve_run_config(preset, explicit_settings(args), preset_dir, environment, cell)
 
 
-def environment_info(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    return {"seed": cfg.train.seed, "device": device_name, "git_revision": git_revision(), "host": platform.node(),
-            "python": platform.python_version(), "libraries": versions, "pid": os.getpid(),
-            "study": cfg.tracking.study or None, "trial": cfg.tracking.trial if cfg.tracking.study else None}
-
-
-def one_line(error: BaseException) -> str:
-    """The message of an error, on one line; from a DataLoader worker, the original message only."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    if not lines:
-        return error.__class__.__name__
-    last = lines[-1]
-    for prefix in ("danet.data.base.DataError: ", "DataError: "):
-        last = last.removeprefix(prefix)
-    return last
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated(f"terminated by signal {signum}")
-
-
-def print_summary(console: Console, cfg: RunConfig, summary: dict[str, Any], class_names: tuple[str, ...],
+def print_summary(console, cfg: RunConfig, summary: dict[str, Any], class_names: tuple[str, ...],
                   run_dir: Path) -> None:
+    from rich.table import Table
+
     table = Table(title=f"{cfg.cell_name()}  ({summary['status']})")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -149,188 +147,16 @@ def print_summary(console: Console, cfg: RunConfig, summary: dict[str, Any], cla
         console.print(f"tables: python reports/make_tables.py --runs-dir {run_dir.parent}")
 
 
-@dataclass
-class Outcome:
-    """What became of a run: status complete, failed, skipped (a complete record exists) or busy
-    (another process holds it), with the exit status the command line should give."""
-
-    status: str
-    exit_code: int
-    summary: dict[str, Any]
-    run_dir: Path
-    message: str = ""
-
-
-@dataclass
-class Prepared:
-    cfg: RunConfig  # resolved for the dataset
-    data: datasets.DataBundle
-    model: DANet
-    device: torch.device
-
-
-def prepare(cfg: RunConfig, context: distributed.Context = distributed.SINGLE) -> Prepared:
-    """Build the data and the model; settle what the dataset decides. Raises usage-type errors."""
-    data = datasets.build(cfg.data)
-    cfg = resolve_for_dataset(cfg, data.num_classes, batches_per_epoch(len(data.train), cfg.data.batch_size))
-    device = distributed.device_for(context, pick_device(cfg.train.device))
-    if context.enabled and cfg.train.sync_bn and device.type != "cuda":
-        raise UsageError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm); pass --no-sync-bn for torchrun on the CPU")
-    if context.enabled and cfg.data.batch_size % context.world_size:
-        raise UsageError(f"--batch-size {cfg.data.batch_size} is the global batch: it must divide among "
-                         f"{context.world_size} ranks")
-    seed_everything(cfg.train.seed)  # the initial weights depend on the seed only
-    return Prepared(cfg, data, build(cfg.model), device)
-
-
-def run_cell(prepared: Prepared, *, resume: bool, overwrite: bool = False, extra_trackers: tuple = (),
-             on_eval: Callable[[int, float], None] | None = None, console: Console | None = None,
-             context: distributed.Context = distributed.SINGLE) -> Outcome:
-    """Train and evaluate one cell with its record, exactly once per resolved config.
-
-    With `resume`, a complete record of the same config anywhere under the runs folder means
-    nothing to do, and a partial one is continued from its last checkpoint. A run folder is held
-    by one process at a time (a lock file), so two workers given the same cell cannot both train it.
-    Under torchrun, rank 0 decides all this and keeps the record; the other ranks follow it.
-    """
-    if not context.is_main:
-        return _follow_main(prepared, context)
-    cfg = prepared.cfg
-    console = console or Console(stderr=True)
-    store = RunStore(cfg.tracking.runs_dir, cfg)
-    outcome = None
-    if resume:
-        done = find_complete(cfg.tracking.runs_dir, cfg.cell_hash())
-        if done is not None:
-            outcome = Outcome("skipped", EXIT_OK, read_summary(done) or {}, done,
-                              f"run {done} is already complete (same config)")
-    lock = store.lock() if outcome is None else None
-    if outcome is None and lock is None:
-        outcome = Outcome("busy", EXIT_USAGE, {}, store.dir, f"run {store.dir} is being trained by another process")
-    if outcome is not None:
-        distributed.broadcast(("stop", outcome.status), context)
-        return outcome
-    with lock:
-        return _train_locked(store, prepared, resume, overwrite, extra_trackers, on_eval, console, context)
-
-
-def _fit(prepared: Prepared, tracker, checkpoint_dir: Path, checkpoint: dict | None, on_eval,
-         context: distributed.Context) -> tuple[str, int, dict[str, Any]]:
-    """fit() with every way a run can end turned into (status, exit code, summary)."""
-    cfg, data = prepared.cfg, prepared.data
-    previous_signal = signal.signal(signal.SIGTERM, _raise_terminated)
-    started = time.perf_counter()
-    status, exit_code, summary = STATUS_FAILED, EXIT_FAILED, {}
-    try:
-        result = fit(cfg, prepared.model, data, tracker, checkpoint_dir, resume=checkpoint, on_eval=on_eval,
-                     context=context)
-        final = result.final
-        summary = {
-            "final_miou": final.miou, "best_miou": result.best_miou, "final_pixel_accuracy": final.pixel_accuracy,
-            "per_class_iou": dict(zip(data.class_names, final.iou)),
-            "absent_classes": [data.class_names[i] for i in final.absent],
-            "iterations": result.iterations, "images_per_second": result.images_per_second,
-            "train_time_s": result.train_seconds,
-        }
-        status, exit_code = STATUS_COMPLETE, EXIT_OK
-    except NonFiniteLoss as error:
-        summary = {"reason": str(error)}
-    except datasets.DataError as error:
-        summary, exit_code = {"reason": one_line(error)}, EXIT_USAGE
-    except (KeyboardInterrupt, Terminated) as error:
-        summary = {"reason": f"{one_line(error) if str(error) else 'interrupted'}; continue with --resume"}
-    except StopRun as error:  # a sweep driver stopped it (pruning): a legitimate end, not a crash
-        status, exit_code, summary = STATUS_PRUNED, EXIT_OK, {"reason": str(error)}
-    except Exception as error:
-        traceback.print_exc()
-        reason = f"{error.__class__.__name__}: {one_line(error)}"
-        if context.enabled and isinstance(error, RuntimeError) and any(
-                backend in reason.lower() for backend in ("gloo", "nccl")):
-            reason += " (another rank of this torchrun job probably failed first: see its output)"
-        summary = {"reason": reason}
-    finally:
-        signal.signal(signal.SIGTERM, previous_signal)
-    device = prepared.device
-    summary |= {"wall_time_s": time.perf_counter() - started, "peak_memory_mb": peak_memory_mb(device),
-                "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS"}
-    return status, exit_code, summary
-
-
-def _follow_main(prepared: Prepared, context: distributed.Context) -> Outcome:
-    """A rank other than 0: train when rank 0 trains, from the checkpoint it names; no record."""
-    run_dir = RunStore(prepared.cfg.tracking.runs_dir, prepared.cfg).dir
-    decision, argument = distributed.broadcast(None, context)
-    if decision == "stop":
-        return Outcome(argument, EXIT_OK if argument == "skipped" else EXIT_USAGE, {}, run_dir)
-    checkpoint = load_checkpoint(Path(argument)) if argument else None
-    status, exit_code, summary = _fit(prepared, NullTracker(), run_dir / "checkpoints", checkpoint, None, context)
-    return Outcome(status, exit_code, summary, run_dir, summary.get("reason", ""))
-
-
-def _train_locked(store: RunStore, prepared: Prepared, resume: bool, overwrite: bool, extra_trackers: tuple,
-                  on_eval, console: Console, context: distributed.Context) -> Outcome:
-    cfg, device = prepared.cfg, prepared.device
-    checkpoint = None
-    previous = store.previous_summary()
-    if previous is not None:
-        outcome = None
-        if overwrite:
-            shutil.rmtree(store.dir)
-        elif not resume:
-            outcome = Outcome("exists", EXIT_USAGE, previous, store.dir,
-                              f"run {store.dir} exists ({previous.get('status')}): pass --resume to continue it "
-                              "or --overwrite to start over")
-        elif previous.get("status") == STATUS_COMPLETE:
-            outcome = Outcome("skipped", EXIT_OK, previous, store.dir, f"run {store.dir} is already complete")
-        elif (store.checkpoint_dir / "last.pt").exists():
-            checkpoint = load_checkpoint(store.checkpoint_dir / "last.pt")
-        if outcome is not None:
-            distributed.broadcast(("stop", outcome.status), context)
-            return outcome
-    distributed.broadcast(("train", str(store.checkpoint_dir / "last.pt") if checkpoint else None), context)
-    resume_step = checkpoint["iteration"] if checkpoint else None
-
-    info = environment_info(cfg, device) | {"world_size": context.world_size}
-    store.start(info, resume_from_step=resume_step)
-    trackers = [store, *extra_trackers]
-    try:
-        if cfg.tracking.wandb != "disabled":
-            sink = WandbSink(cfg, store.dir, resume_id=(previous or {}).get("wandb_id") if checkpoint else None)
-            store.update(wandb_id=sink.run_id)
-            trackers.append(sink)
-    except Exception as error:  # W&B problems must not cost the run: it still has its own record
-        console.print(f"[yellow]W&B disabled for this run: {one_line(error)}[/yellow]")
-    tracker = FanOut(*trackers)
-
-    if not cfg.tracking.quiet:
-        start = f"resuming at iteration {resume_step}" if checkpoint else "starting"
-        ranks = f" x {context.world_size} ranks" if context.enabled else ""
-        console.print(f"{cfg.cell_name()}: {start}, {cfg.train.iterations} iterations on {info['device']}{ranks}")
-    status, exit_code, summary = _fit(prepared, tracker, store.checkpoint_dir, checkpoint, on_eval, context)
-    tracker.finish(status, summary)
-    message = "" if status == STATUS_COMPLETE else f"run {status}: {summary['reason']} (record: {store.dir})"
-    return Outcome(status, exit_code, store.summary, store.dir, message)
-
-
-def config_from_args(args: argparse.Namespace, preset_dir: Path, environment: dict[str, str]) -> RunConfig:
-    """The run config a command line asks for: preset (or grid cell), then flags."""
-    preset, cell = args.config or DEFAULT_PRESET, None
-    if args.grid or args.cell:
-        if not (args.grid and args.cell):
-            raise UsageError("--grid and --cell go together")
-        if args.config:
-            raise UsageError("--config with --grid: the grid names its preset")
-        grid = load_grid(args.grid, preset_dir.parent / "grids")
-        preset, cell = grid.preset, grid_cell(grid, args.cell)
-    return resolve_run_config(preset, explicit_settings(args), preset_dir, environment, cell)
-
-
 def main(argv: list[str] | None = None, preset_dir: Path | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    console = Console(stderr=True)
     prog = parser.prog
     preset_dir = preset_dir or Path("ablations/configs")
+
+    from danet import data as datasets  # torch and the models: only once a run is asked for
+    from danet import distributed, runner
+    from danet.engine import pick_device
+    from danet.models.backbone import BackboneWeightsError
 
     context = distributed.from_environment()
 
@@ -342,17 +168,22 @@ def main(argv: list[str] | None = None, preset_dir: Path | None = None) -> int:
     try:
         cfg = config_from_args(args, preset_dir, dict(os.environ))
         distributed.start(context, distributed.device_for(context, pick_device(cfg.train.device)))
-        prepared = prepare(cfg, context)
+        prepared = runner.prepare(cfg, context)
     except (UsageError, ValueError, datasets.DataError, BackboneWeightsError) as error:
-        return usage_error(one_line(error))
+        return usage_error(runner.one_line(error))
     try:
-        return _run_and_report(args, prepared, context, console, prog, usage_error)
+        return _run_and_report(args, prepared, context, prog, usage_error)
     finally:
         distributed.stop()
 
 
-def _run_and_report(args: argparse.Namespace, prepared: Prepared, context: distributed.Context, console: Console,
-                    prog: str, usage_error: Callable[[str], int]) -> int:
+def _run_and_report(args: argparse.Namespace, prepared, context, prog: str, usage_error) -> int:
+    from rich.console import Console
+
+    from danet import runner
+    from danet.tracking import STATUS_COMPLETE, RunStore
+
+    console = Console(stderr=True)
     cfg = prepared.cfg
     if args.print_config:
         if context.is_main:
@@ -365,12 +196,12 @@ def _run_and_report(args: argparse.Namespace, prepared: Prepared, context: distr
                       f"record: {RunStore(cfg.tracking.runs_dir, cfg).dir}")
         return EXIT_OK
 
-    outcome = run_cell(prepared, resume=args.resume, overwrite=args.overwrite, console=console, context=context)
+    outcome = runner.run_cell(prepared, resume=args.resume, overwrite=args.overwrite, console=console, context=context)
     if not context.is_main:
         return outcome.exit_code
-    if outcome.status in ("exists", "busy"):
+    if outcome.status in (runner.EXISTS, runner.BUSY):
         return usage_error(outcome.message)
-    if outcome.status == "skipped":
+    if outcome.status == runner.SKIPPED:
         console.print(outcome.message)
         return EXIT_OK
     if outcome.status != STATUS_COMPLETE:

@@ -1,11 +1,13 @@
 """Typed configuration: frozen dataclasses that round-trip to and from plain dicts.
 
 Unknown keys and wrong types are errors (ValueError naming the key), never silently ignored.
+Each field is documented once, in its `help` metadata, which the command line shows. This module
+imports neither torch nor the models: `--help`, the reports and the launchers read it cheaply, and
+the models import their choices from here.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -16,10 +18,32 @@ from typing import Any, TypeVar
 
 import yaml
 
-from danet.models.attention import CAM_ENERGIES, PAM_IMPLS
-from danet.models.backbone import BACKBONES, OUTPUT_STRIDES
-
 Section = TypeVar("Section")
+
+# Choices of the model's switches (the models import them from here).
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+OUTPUT_STRIDES = (8, 16, 32)
+HEADS = ("danet", "fcn")
+AUX_BRANCHES = ("attention", "all")
+PAM_IMPLS = ("fused", "explicit", "chunked", "sdpa")
+CAM_ENERGIES = ("code", "paper")
+DATASETS = ("synthetic", "camvid", "cityscapes", "voc")
+WANDB_MODES = ("online", "offline", "disabled")
+EVAL_MODES = ("whole", "slide")
+DESIGNS = ("controlled", "as-released")
+IGNORE_INDEX = 255  # the label value that no loss or metric counts
+
+# How a field takes part in a cell's identity (its config hash):
+IN_CELL = "always"  # every value is part of the identity
+NOT_IN_CELL = "never"  # paths, devices, logging, tracking: the result does not depend on it
+IN_CELL_UNLESS_DEFAULT = "unless-default"  # fields added after records were committed: at the default
+# value they stay out of the hash, so adding them never orphans an existing record
+
+
+def setting(default: Any, help: str, cell: str = IN_CELL, flag: bool = True) -> Any:
+    """A config field with its one-line documentation, its part in the cell identity, and whether
+    the command line has a flag for it (fields that a grid sets have none)."""
+    return dataclasses.field(default=default, metadata={"help": help, "cell": cell, "flag": flag})
 
 
 def _check_type(owner: str, name: str, value: Any, expected: Any) -> Any:
@@ -56,36 +80,52 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _require_choice(name: str, value: Any, choices: tuple) -> None:
+    _require(value in choices, f"{name} must be one of {list(choices)}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Every switch of the model. Defaults are the released DANet code's (ResNet-50, OS 8)."""
 
-    backbone: str = "resnet50"
-    weights: str = "none"  # "none", "imagenet" or a path to a torchvision ResNet state dict
-    output_stride: int = 8
-    multi_grid: bool = False
-    pam: bool = True
-    cam: bool = True
-    pam_reduction: int = 8  # query/key width C / reduction; 1 is the paper's unreduced form
-    pam_impl: str = "fused"
-    cam_energy: str = "code"  # "code": softmax(rowmax(E) - E) as released; "paper": softmax(E)
-    aux: bool = True  # PAM / CAM branch classifiers and their loss terms
-    fcn_aux: bool = False  # FCN head on stage 3 (mmseg's auxiliary head)
-    loss_weight_pam: float = 1.0
-    loss_weight_cam: float = 1.0
-    loss_weight_aux: float = 0.4
-    num_classes: int = 0  # 0: the dataset's class count, filled in when the run config is resolved
-    dropout: float = 0.1
+    backbone: str = setting("resnet50", "ResNet depth: resnet18, resnet34, resnet50, resnet101")
+    weights: str = setting("none", "backbone weights: none, imagenet (torchvision, from the torch cache) or a "
+                                   "state dict path")
+    output_stride: int = setting(8, "input size / stage-4 feature size: 8, 16 or 32")
+    multi_grid: bool = setting(False, "stage-4 blocks at dilation rates (1, 2, 4) x the stage rate (the paper's "
+                                      "4, 8, 16); needs output stride 8 or 16")
+    head: str = setting("danet", "danet: the dual attention head (its modules switchable); fcn: the released "
+                                 "dilated-FCN baseline head (conv3x3 C->C/4, BN, ReLU, dropout, 1x1), needs "
+                                 "--no-pam --no-cam", IN_CELL_UNLESS_DEFAULT)
+    pam: bool = setting(True, "position attention module")
+    cam: bool = setting(True, "channel attention module")
+    pam_reduction: int = setting(8, "PAM query/key width is C / this (8: released code, 1: the paper)")
+    pam_impl: str = setting("fused", "PAM kernel: explicit, chunked, sdpa, or fused (the kernel measured best, "
+                                     "one per kind of device)")
+    cam_energy: str = setting("code", "CAM energy: code = softmax(rowmax(E) - E) as released, paper = softmax(E)")
+    aux: bool = setting(True, "branch classifiers (and loss terms) on the DANet head's branches")
+    aux_branches: str = setting("attention", "which branches get a classifier with --aux: attention (those whose "
+                                             "module is on, as released) or all (both, whatever the modules: deep "
+                                             "supervision as a switch of its own)", IN_CELL_UNLESS_DEFAULT)
+    fcn_aux: bool = setting(False, "mmseg's auxiliary FCN head on stage 3")
+    loss_weight_pam: float = setting(1.0, "weight of the PAM branch loss")
+    loss_weight_cam: float = setting(1.0, "weight of the CAM branch loss")
+    loss_weight_aux: float = setting(0.4, "weight of the FCN auxiliary loss")
+    num_classes: int = setting(0, "number of classes; 0 takes the dataset's")
+    dropout: float = setting(0.1, "Dropout2d probability before each classifier")
 
     def __post_init__(self) -> None:
-        _require(self.backbone in BACKBONES,
-                 f"backbone must be one of {sorted(BACKBONES)}, got {self.backbone!r}")
-        _require(self.output_stride in OUTPUT_STRIDES,
-                 f"output_stride must be one of {list(OUTPUT_STRIDES)}, got {self.output_stride!r}")
+        _require_choice("backbone", self.backbone, BACKBONES)
+        _require_choice("output_stride", self.output_stride, OUTPUT_STRIDES)
+        _require(not (self.multi_grid and self.output_stride == 32),
+                 "multi_grid needs output_stride 8 or 16 (at 32 stage 4 keeps its stride and has no dilation to grid)")
+        _require_choice("head", self.head, HEADS)
+        _require(self.head == "danet" or not (self.pam or self.cam),
+                 "head fcn is the baseline without attention: it needs --no-pam --no-cam")
+        _require_choice("aux_branches", self.aux_branches, AUX_BRANCHES)
         _require(self.pam_reduction >= 1, f"pam_reduction must be >= 1, got {self.pam_reduction!r}")
-        _require(self.pam_impl in PAM_IMPLS, f"pam_impl must be one of {list(PAM_IMPLS)}, got {self.pam_impl!r}")
-        _require(self.cam_energy in CAM_ENERGIES,
-                 f"cam_energy must be one of {list(CAM_ENERGIES)}, got {self.cam_energy!r}")
+        _require_choice("pam_impl", self.pam_impl, PAM_IMPLS)
+        _require_choice("cam_energy", self.cam_energy, CAM_ENERGIES)
         _require(self.num_classes >= 0, f"num_classes must be >= 0 (0: from the dataset), got {self.num_classes!r}")
         _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
         for name in ("loss_weight_pam", "loss_weight_cam", "loss_weight_aux"):
@@ -98,45 +138,48 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         return section_from_dict(cls, data)
 
+    def branch_classifiers(self) -> tuple[bool, bool]:
+        """Whether the PAM and the CAM branch of the DANet head have their own classifier."""
+        if self.head != "danet" or not self.aux:
+            return False, False
+        every_branch = self.aux_branches == "all"
+        return self.pam or every_branch, self.cam or every_branch
+
     def loss_weights(self) -> dict[str, float]:
         """Weight of each output the model produces under this config, keyed like its outputs."""
         weights = {"out": 1.0}
-        if self.aux and self.pam:
+        pam_branch, cam_branch = self.branch_classifiers()
+        if pam_branch:
             weights["pam"] = self.loss_weight_pam
-        if self.aux and self.cam:
+        if cam_branch:
             weights["cam"] = self.loss_weight_cam
         if self.fcn_aux:
             weights["aux"] = self.loss_weight_aux
         return weights
 
 
-DATASETS = ("synthetic", "camvid", "cityscapes", "voc")
-WANDB_MODES = ("online", "offline", "disabled")
-EVAL_MODES = ("whole", "slide")
-
-
 @dataclass(frozen=True)
 class DataConfig:
     """Dataset, its location and the training augmentation (albumentations)."""
 
-    dataset: str = "synthetic"
-    data_root: str = ""  # required for real datasets (or the DANET_DATA environment variable)
-    train_split: str = "train"
-    val_split: str = "val"
-    image_scale: float = 1.0  # images and labels resized by this factor first (reduced-resolution runs)
-    crop_size: int = 64  # random training crop (padded with image 0 / label 255 when larger)
-    random_scale: bool = False  # the paper's "DA": random rescale before the crop
-    scale_min: float = 0.75
-    scale_max: float = 2.0
-    hflip: bool = True
-    batch_size: int = 8
-    workers: int = 2  # DataLoader worker processes; results do not depend on it
-    synthetic_size: int = 64  # side of the synthetic images
-    synthetic_train_images: int = 2048
-    synthetic_val_images: int = 64
+    dataset: str = setting("synthetic", "synthetic (no files), camvid, cityscapes, voc")
+    data_root: str = setting("", "dataset folder (default: the DANET_DATA environment variable)", NOT_IN_CELL)
+    train_split: str = setting("train", "split used for training")
+    val_split: str = setting("val", "split used for validation")
+    image_scale: float = setting(1.0, "resize images and labels by this factor before anything else")
+    crop_size: int = setting(64, "side of the random training crop (smaller images are padded)")
+    random_scale: bool = setting(False, "random rescaling in [scale-min, scale-max] before the crop (the paper's DA)")
+    scale_min: float = setting(0.75, "smallest random scale")
+    scale_max: float = setting(2.0, "largest random scale")
+    hflip: bool = setting(True, "random horizontal flip in training")
+    batch_size: int = setting(8, "training images per step (the global batch under torchrun)")
+    workers: int = setting(2, "DataLoader worker processes (results do not depend on it)", NOT_IN_CELL)
+    synthetic_size: int = setting(64, "side of the synthetic images")
+    synthetic_train_images: int = setting(2048, "number of synthetic training images")
+    synthetic_val_images: int = setting(64, "number of synthetic validation images")
 
     def __post_init__(self) -> None:
-        _require(self.dataset in DATASETS, f"dataset must be one of {list(DATASETS)}, got {self.dataset!r}")
+        _require_choice("dataset", self.dataset, DATASETS)
         _require(self.image_scale > 0, f"image_scale must be > 0, got {self.image_scale!r}")
         _require(self.crop_size >= 8, f"crop_size must be >= 8, got {self.crop_size!r}")
         _require(0 < self.scale_min <= self.scale_max,
@@ -152,29 +195,32 @@ class DataConfig:
 class TrainConfig:
     """Optimisation (the paper's recipe by default), schedule of logs, evaluations and checkpoints."""
 
-    iterations: int = 1000
-    epochs: int = 0  # when > 0, replaces iterations by epochs x batches per epoch
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    poly_power: float = 0.9
-    head_lr_multiplier: float = 10.0
-    amp: bool = True  # mixed precision on CUDA (ignored on the CPU)
-    amp_dtype: str = "bfloat16"  # or "float16" (then with a gradient scaler)
-    channels_last: bool = False
-    sync_bn: bool = True  # under torchrun: BatchNorm statistics over the global batch (CUDA only)
-    seed: int = 0
-    device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
-    log_every: int = 10
-    eval_every: int = 200  # periodic validation (whole image, one scale); 0: only the final one
-    checkpoint_every: int = 100  # iterations between "last" checkpoints (also written at every eval)
+    iterations: int = setting(1000, "training iterations (optimizer steps)")
+    epochs: int = setting(0, "if > 0: train this many epochs instead of --iterations")
+    lr: float = setting(0.01, "base learning rate of the backbone (poly schedule)")
+    momentum: float = setting(0.9, "SGD momentum")
+    weight_decay: float = setting(1e-4, "SGD weight decay")
+    poly_power: float = setting(0.9, "power of the poly schedule lr = base * (1 - it / max_it) ^ power")
+    head_lr_multiplier: float = setting(10.0, "learning rate of the heads = lr x this")
+    amp: bool = setting(True, "mixed precision on CUDA (ignored on the CPU)")
+    amp_dtype: str = setting("bfloat16", "mixed precision type: bfloat16 or float16 (with a gradient scaler)")
+    channels_last: bool = setting(False, "channels-last memory format")
+    sync_bn: bool = setting(True, "under torchrun, SyncBatchNorm over the global batch (CUDA only; --no-sync-bn "
+                                  "on the CPU)")
+    deterministic: bool = setting(False, "deterministic algorithms (torch.use_deterministic_algorithms, cuBLAS "
+                                         "workspace config): repeatable on the same GPU, slower; cannot make two "
+                                         "CPU or GPU models agree", IN_CELL_UNLESS_DEFAULT)
+    seed: int = setting(0, "seed of everything random (weights, data order, augmentation, dropout)")
+    device: str = setting("auto", "auto (CUDA when available), cpu, cuda or cuda:N", NOT_IN_CELL)
+    log_every: int = setting(10, "iterations between training log records", NOT_IN_CELL)
+    eval_every: int = setting(200, "iterations between validations (0: only the final one)")
+    checkpoint_every: int = setting(100, "iterations between checkpoints of the last state", NOT_IN_CELL)
 
     def __post_init__(self) -> None:
         _require(self.iterations >= 1, f"iterations must be >= 1, got {self.iterations!r}")
         _require(self.epochs >= 0, f"epochs must be >= 0, got {self.epochs!r}")
         _require(self.lr > 0, f"lr must be > 0, got {self.lr!r}")
-        _require(self.amp_dtype in ("bfloat16", "float16"),
-                 f"amp_dtype must be one of ['bfloat16', 'float16'], got {self.amp_dtype!r}")
+        _require_choice("amp_dtype", self.amp_dtype, ("bfloat16", "float16"))
         for name in ("log_every", "checkpoint_every"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)!r}")
         _require(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every!r}")
@@ -184,43 +230,61 @@ class TrainConfig:
 class EvalConfig:
     """The test protocol of the final evaluation (what the record reports)."""
 
-    eval_mode: str = "whole"  # "whole" image or "slide" (sliding window)
-    eval_window: int = 768
-    eval_stride: int = 512
-    eval_scales: tuple[float, ...] = (1.0,)  # several scales: probabilities averaged over them
-    eval_flip: bool = False  # also average the horizontally flipped prediction
-    eval_batch_size: int = 1
+    eval_mode: str = setting("whole", "final test protocol: whole image or slide (sliding window)")
+    eval_window: int = setting(768, "sliding window side")
+    eval_stride: int = setting(512, "sliding window stride")
+    eval_scales: tuple[float, ...] = setting((1.0,), "test scales, e.g. 0.5,0.75,1.0 (probabilities averaged)")
+    eval_flip: bool = setting(False, "average with the horizontally flipped prediction at test")
+    eval_batch_size: int = setting(1, "validation images per batch", NOT_IN_CELL)
 
     def __post_init__(self) -> None:
-        _require(self.eval_mode in EVAL_MODES, f"eval_mode must be one of {list(EVAL_MODES)}, got {self.eval_mode!r}")
+        _require_choice("eval_mode", self.eval_mode, EVAL_MODES)
         _require(0 < self.eval_stride <= self.eval_window,
                  f"need 0 < eval_stride <= eval_window, got {self.eval_stride!r} and {self.eval_window!r}")
         _require(all(scale > 0 for scale in self.eval_scales), f"eval_scales must be > 0, got {self.eval_scales!r}")
         _require(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size!r}")
+
+    def protocol_name(self) -> str:
+        """The protocol's name in records and reports: whole, slide, ms0.75-1-1.25-flip, slide-flip, ..."""
+        parts = ["slide"] if self.eval_mode == "slide" else []
+        if self.eval_scales != (1.0,):
+            parts.append("ms" + "-".join(f"{scale:g}" for scale in self.eval_scales))
+        if self.eval_flip:
+            parts.append("flip")
+        return "-".join(parts) or "whole"
 
 
 @dataclass(frozen=True)
 class TrackingConfig:
     """Where records go and how runs are reported. Not part of a cell's identity."""
 
-    runs_dir: str = "runs"
-    run_name: str = ""  # default: encodes the cell, e.g. danet_r18-d8_pam_synthetic_s0
-    wandb: str = "offline"
-    wandb_project: str = "danet-ablations"
-    wandb_entity: str = ""
-    quiet: bool = False
-    study: str = ""  # set by sweep drivers: the study or sweep that launched the run
-    trial: int = -1
+    runs_dir: str = setting("runs", "folder of run records", NOT_IN_CELL)
+    run_name: str = setting("", "run name (default: encodes the cell, e.g. danet_r18-d8_pam_synthetic_s0)",
+                            NOT_IN_CELL)
+    wandb: str = setting("offline", "W&B mode: online, offline (no network needed) or disabled", NOT_IN_CELL)
+    wandb_project: str = setting("danet-ablations", "W&B project", NOT_IN_CELL)
+    wandb_entity: str = setting("", "W&B entity (default: your default entity)", NOT_IN_CELL)
+    quiet: bool = setting(False, "no progress bars or tables (for agents)", NOT_IN_CELL)
+    study: str = setting("", "name of the sweep or study that launched this run", NOT_IN_CELL)
+    trial: int = setting(-1, "trial number within --study", NOT_IN_CELL)
+    grid: str = setting("", "the grid this run is a cell of (set by --grid and the sweep drivers)", NOT_IN_CELL,
+                        flag=False)
+    grid_cell: str = setting("", "the grid's named cell, without its axes (e.g. pam-cam)", NOT_IN_CELL, flag=False)
+    design: str = setting("", "the grid's design: controlled or as-released", NOT_IN_CELL, flag=False)
 
     def __post_init__(self) -> None:
-        _require(self.wandb in WANDB_MODES, f"wandb must be one of {list(WANDB_MODES)}, got {self.wandb!r}")
+        _require_choice("wandb", self.wandb, WANDB_MODES)
+        _require(self.design in ("", *DESIGNS), f"design must be one of {list(DESIGNS)}, got {self.design!r}")
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig,
             "tracking": TrackingConfig}
-# Fields that do not change a run's result: left out of the cell hash.
-NOT_IN_CELL = {"data": {"data_root", "workers"}, "train": {"device", "log_every", "checkpoint_every"},
-               "eval": {"eval_batch_size"}, "tracking": None}
+
+
+def fields_by_cell_rule(rule: str) -> frozenset[str]:
+    """Names of the fields (of every section) whose part in the cell identity is `rule`."""
+    return frozenset(field.name for section in SECTIONS.values() for field in dataclasses.fields(section)
+                     if field.metadata["cell"] == rule)
 
 
 @dataclass(frozen=True)
@@ -245,12 +309,18 @@ class RunConfig:
                       for name, section in SECTIONS.items()})
 
     def cell_dict(self) -> dict[str, Any]:
-        """The resolved settings that determine the result: no paths, device or tracking."""
+        """The resolved settings that determine the result: no paths, device or tracking, and no
+        field added later while it has its default value (see `setting`)."""
         cell = {}
-        for name, values in self.to_dict().items():
-            skip = NOT_IN_CELL.get(name, set())
-            if skip is not None:
-                cell[name] = {key: value for key, value in values.items() if key not in skip}
+        for name in SECTIONS:
+            section = getattr(self, name)
+            values = {}
+            for field in dataclasses.fields(section):
+                value, rule = getattr(section, field.name), field.metadata["cell"]
+                if rule == IN_CELL or (rule == IN_CELL_UNLESS_DEFAULT and value != field.default):
+                    values[field.name] = list(value) if isinstance(value, tuple) else value
+            if values:
+                cell[name] = values
         return cell
 
     def cell_hash(self) -> str:
@@ -260,7 +330,12 @@ class RunConfig:
     def cell_name(self) -> str:
         """mmseg-style name of the ablation cell, e.g. danet_r50-d8_pam-cam_camvid_s0."""
         model = self.model
-        parts = [name for name, on in (("pam", model.pam), ("cam", model.cam)) if on] or ["fcn"]
+        if model.head == "fcn":
+            parts = ["fcn-head"]
+        else:
+            parts = [name for name, on in (("pam", model.pam), ("cam", model.cam)) if on] or ["fcn"]
+            if model.aux and model.aux_branches == "all":
+                parts.append("ds")  # deep supervision of both branches
         backbone = model.backbone.replace("resnet", "r") + f"-d{model.output_stride}"
         if model.multi_grid:
             backbone += "-mg"
@@ -279,140 +354,21 @@ def _plain(values: dict[str, Any]) -> dict[str, Any]:
     return {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
 
 
-FIELD_HELP = {
-    "backbone": "ResNet depth: resnet18, resnet34, resnet50, resnet101",
-    "weights": "backbone weights: none, imagenet (torchvision, from the torch cache) or a state dict path",
-    "output_stride": "input size / stage-4 feature size: 8, 16 or 32",
-    "multi_grid": "stage-4 blocks at dilation rates (1, 2, 4) x the stage rate (the paper's 4, 8, 16)",
-    "pam": "position attention module",
-    "cam": "channel attention module",
-    "pam_reduction": "PAM query/key width is C / this (8: released code, 1: the paper)",
-    "pam_impl": "PAM kernel: fused (best for the device), explicit, chunked, sdpa",
-    "cam_energy": "CAM energy: code = softmax(rowmax(E) - E) as released, paper = softmax(E)",
-    "aux": "auxiliary classifiers (and loss terms) on the PAM and CAM branches",
-    "fcn_aux": "mmseg's auxiliary FCN head on stage 3",
-    "loss_weight_pam": "weight of the PAM branch loss",
-    "loss_weight_cam": "weight of the CAM branch loss",
-    "loss_weight_aux": "weight of the FCN auxiliary loss",
-    "num_classes": "number of classes; 0 takes the dataset's",
-    "dropout": "Dropout2d probability before each classifier",
-    "dataset": "synthetic (no files), camvid, cityscapes, voc",
-    "data_root": "dataset folder (default: the DANET_DATA environment variable)",
-    "train_split": "split used for training",
-    "val_split": "split used for validation",
-    "image_scale": "resize images and labels by this factor before anything else",
-    "crop_size": "side of the random training crop (smaller images are padded)",
-    "random_scale": "random rescaling in [scale-min, scale-max] before the crop (the paper's DA)",
-    "scale_min": "smallest random scale",
-    "scale_max": "largest random scale",
-    "hflip": "random horizontal flip in training",
-    "batch_size": "training images per step",
-    "workers": "DataLoader worker processes (results do not depend on it)",
-    "synthetic_size": "side of the synthetic images",
-    "synthetic_train_images": "number of synthetic training images",
-    "synthetic_val_images": "number of synthetic validation images",
-    "iterations": "training iterations (optimizer steps)",
-    "epochs": "if > 0: train this many epochs instead of --iterations",
-    "lr": "base learning rate of the backbone (poly schedule)",
-    "momentum": "SGD momentum",
-    "weight_decay": "SGD weight decay",
-    "poly_power": "power of the poly schedule lr = base * (1 - it / max_it) ^ power",
-    "head_lr_multiplier": "learning rate of the heads = lr x this",
-    "amp": "mixed precision on CUDA (ignored on the CPU)",
-    "amp_dtype": "mixed precision type: bfloat16 or float16 (with a gradient scaler)",
-    "channels_last": "channels-last memory format",
-    "sync_bn": "under torchrun, SyncBatchNorm over the global batch (CUDA only; --no-sync-bn on the CPU)",
-    "seed": "seed of everything random (weights, data order, augmentation, dropout)",
-    "device": "auto (CUDA when available), cpu, cuda or cuda:N",
-    "log_every": "iterations between training log records",
-    "eval_every": "iterations between validations (0: only the final one)",
-    "checkpoint_every": "iterations between checkpoints of the last state",
-    "eval_mode": "final test protocol: whole image or slide (sliding window)",
-    "eval_window": "sliding window side",
-    "eval_stride": "sliding window stride",
-    "eval_scales": "test scales, e.g. 0.5,0.75,1.0 (probabilities averaged)",
-    "eval_flip": "average with the horizontally flipped prediction at test",
-    "eval_batch_size": "validation images per batch",
-    "runs_dir": "folder of run records",
-    "run_name": "run name (default: encodes the cell, e.g. danet_r18-d8_pam_synthetic_s0)",
-    "wandb": "W&B mode: online, offline (default; no network needed) or disabled",
-    "wandb_project": "W&B project",
-    "wandb_entity": "W&B entity (default: your default entity)",
-    "quiet": "no progress bars or tables (for agents)",
-    "study": "name of the sweep or study that launched this run",
-    "trial": "trial number within --study",
-}
-TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+# The exit statuses of every command; 3: a run stopped on request (SIGTERM, SIGUSR1) at a checkpoint
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, 3
 
 
 class UsageError(ValueError):
     """A command line or config that cannot be run as asked (exit status 2)."""
 
 
-def parse_bool(text: str) -> bool:
-    if text.lower() in TRUE_WORDS:
-        return True
-    if text.lower() in FALSE_WORDS:
-        return False
-    raise ValueError(f"expected one of {TRUE_WORDS + FALSE_WORDS}, got {text!r}")
-
-
-def parse_float_list(text: str) -> list[float]:
-    """'0.5,0.75', '0.5 0.75' or '[0.5, 0.75]' (the form W&B agents send)."""
-    items = text.strip().strip("[]()").replace(",", " ").split()
-    if not items:
-        raise ValueError("expected a list of numbers")
-    return [float(item) for item in items]
-
-
-class BoolFlag(argparse.Action):
-    """--pam, --no-pam, --pam=true|false|1|0 (W&B agents send --pam=True / --pam=False)."""
-
-    def __call__(self, parser, namespace, value, option_string=None):
-        try:
-            flag = True if value is None else parse_bool(value)
-        except ValueError as error:
-            raise argparse.ArgumentError(self, str(error)) from None
-        setattr(namespace, self.dest, flag if not option_string.startswith("--no-") else not flag)
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _field_flags(name: str) -> list[str]:
-    flags = [f"--{name.replace('_', '-')}"]
-    return flags + [f"--{name}"] if "_" in name else flags  # W&B sends the YAML key as it is
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field, dest 'section.field', absent from the namespace unless given."""
-    for section_name, section in SECTIONS.items():
-        group = parser.add_argument_group(f"{section_name} settings")
-        hints = typing.get_type_hints(section)
-        for field in dataclasses.fields(section):
-            flags, kind = _field_flags(field.name), hints[field.name]
-            default = field.default
-            options = {"dest": f"{section_name}.{field.name}", "default": argparse.SUPPRESS,
-                       "help": f"{FIELD_HELP[field.name]} (default: {default})"}
-            if kind is bool:
-                flags.append(f"--no-{field.name.replace('_', '-')}")
-                group.add_argument(*flags, action=BoolFlag, nargs="?", metavar="BOOL", **options)
-            elif typing.get_origin(kind) is tuple:
-                group.add_argument(*flags, type=parse_float_list, metavar="LIST", **options)
-            else:
-                group.add_argument(*flags, type=kind, metavar=kind.__name__.upper(), **options)
-
-
-def explicit_settings(namespace: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """The config fields given on the command line, as {section: {field: value}}."""
-    settings: dict[str, dict[str, Any]] = {}
-    for key, value in vars(namespace).items():
-        if "." in key:
-            section, name = key.split(".", 1)
-            settings.setdefault(section, {})[name] = value
-    return settings
+def find_yaml(name_or_path: str, folder: Path, what: str) -> Path:
+    """A YAML file given by path, or by name in `folder`; a usage error listing the names otherwise."""
+    path = Path(name_or_path) if Path(name_or_path).suffix in (".yaml", ".yml") else folder / f"{name_or_path}.yaml"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+        raise UsageError(f"{what} {name_or_path}: no such file or name (names: {names})")
+    return path
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
@@ -436,10 +392,12 @@ def check_combinations(cfg: RunConfig, explicit: dict[str, dict[str, Any]]) -> N
     """Flags that cannot take effect under the other settings are usage errors, not silent no-ops."""
     given = {name for values in explicit.values() for name in values}
     model = cfg.model
+    pam_branch, cam_branch = model.branch_classifiers()
     rules = [
-        ("loss_weight_pam", not (model.pam and model.aux), "needs --pam and --aux"),
-        ("loss_weight_cam", not (model.cam and model.aux), "needs --cam and --aux"),
+        ("loss_weight_pam", not pam_branch, "needs a PAM branch classifier (--aux with --pam or --aux-branches all)"),
+        ("loss_weight_cam", not cam_branch, "needs a CAM branch classifier (--aux with --cam or --aux-branches all)"),
         ("loss_weight_aux", not model.fcn_aux, "needs --fcn-aux"),
+        ("aux_branches", not model.aux or model.head != "danet", "needs --aux and --head danet"),
         ("pam_reduction", not model.pam, "needs --pam"),
         ("pam_impl", not model.pam, "needs --pam"),
         ("cam_energy", not model.cam, "needs --cam"),
@@ -475,13 +433,7 @@ def resolve_run_config(preset: str | None, explicit: dict[str, dict[str, Any]], 
                        environment: dict[str, str], cell: dict[str, Any] | None = None) -> RunConfig:
     """Defaults, then the preset YAML (a name in preset_dir or a path), then a grid cell's
     settings ({field: value}), then the command line."""
-    settings: dict[str, dict[str, Any]] = {}
-    if preset:
-        path = Path(preset) if Path(preset).suffix in (".yaml", ".yml") else preset_dir / f"{preset}.yaml"
-        if not path.is_file():
-            names = sorted(p.stem for p in preset_dir.glob("*.yaml"))
-            raise UsageError(f"--config {preset}: no such preset or file (presets: {', '.join(names)})")
-        settings = load_yaml(path)
+    settings = load_yaml(find_yaml(preset, preset_dir, "--config")) if preset else {}
     settings = merge(merge(settings, sectioned(cell or {})), explicit)
     data = settings.setdefault("data", {})
     if data.get("dataset", "synthetic") != "synthetic" and not data.get("data_root"):
@@ -494,14 +446,25 @@ def resolve_run_config(preset: str | None, explicit: dict[str, dict[str, Any]], 
     return cfg
 
 
-def resolve_for_dataset(cfg: RunConfig, num_classes: int, batches_per_epoch: int) -> RunConfig:
-    """Fill in what the dataset decides: the class count and, with --epochs, the iterations."""
+def batches_per_epoch(dataset_size: int, batch_size: int) -> int:
+    return max(1, dataset_size // batch_size)
+
+
+def resolve_for_dataset(cfg: RunConfig, num_classes: int, train_images: int, world_size: int = 1) -> RunConfig:
+    """Fill in what the dataset decides (the class count and, with --epochs, the iterations) and
+    check what it constrains: one batch must fit in the training set and divide among the ranks."""
+    data = cfg.data
     if cfg.model.num_classes not in (0, num_classes):
-        raise UsageError(f"--num-classes {cfg.model.num_classes} contradicts dataset {cfg.data.dataset}, "
+        raise UsageError(f"--num-classes {cfg.model.num_classes} contradicts dataset {data.dataset}, "
                          f"which has {num_classes} classes")
+    if data.batch_size > train_images:
+        raise UsageError(f"--batch-size {data.batch_size} is larger than the training set ({train_images} images)")
+    if data.batch_size % world_size:
+        raise UsageError(f"--batch-size {data.batch_size} is the global batch: it must divide among {world_size} ranks")
     cfg = cfg.replace("model", num_classes=num_classes)
     if cfg.train.epochs:
-        cfg = cfg.replace("train", iterations=cfg.train.epochs * batches_per_epoch, epochs=0)
+        cfg = cfg.replace("train", iterations=cfg.train.epochs * batches_per_epoch(train_images, data.batch_size),
+                          epochs=0)
     return cfg
 
 

@@ -75,3 +75,12 @@ def mean(value: torch.Tensor, context: Context) -> float:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= context.world_size
     return float(value)
+
+
+def any_rank(flag: bool, context: Context, device: torch.device) -> bool:
+    """Whether `flag` is set on any rank: a stop request must be agreed on before the next step."""
+    if not context.enabled:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

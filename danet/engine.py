@@ -9,6 +9,7 @@ import math
 import os
 import random
 import resource
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler, Subset
 
 from danet import distributed
-from danet.config import EvalConfig, RunConfig
+from danet.config import EvalConfig, RunConfig, TrainConfig
 from danet.data import DataBundle
 from danet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from danet.losses import SegmentationLoss
@@ -49,6 +50,20 @@ class NonFiniteLoss(RuntimeError):
 
 class StopRun(Exception):
     """Raised by an `on_eval` hook to end a run early (a sweep driver pruning it)."""
+
+
+class Preempted(Exception):
+    """A stop was requested (SIGTERM, a scheduler's warning signal): the run checkpointed its
+    current iteration and can continue from there."""
+
+
+# Set by a signal handler (`request_stop`), honoured by fit at the next step boundary, where the
+# state is consistent: a checkpoint taken there lets the run continue exactly.
+STOP_REQUEST = threading.Event()
+
+
+def request_stop(signum: int, frame: Any) -> None:
+    STOP_REQUEST.set()
 
 
 def pick_device(name: str) -> torch.device:
@@ -76,15 +91,12 @@ class SeededBatchSampler(Sampler):
 
     Each epoch is a permutation drawn from (seed, epoch), so batch i of the run is the same
     whether the run went straight through or was resumed at any iteration. Incomplete last
-    batches of an epoch are dropped (BatchNorm dislikes tiny batches).
+    batches of an epoch are dropped (BatchNorm dislikes tiny batches). The batch fits in the
+    dataset and divides among the ranks: `config.resolve_for_dataset` checks both.
     """
 
     def __init__(self, size: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0,
                  world_size: int = 1) -> None:
-        if size < batch_size:
-            raise ValueError(f"--batch-size {batch_size} is larger than the training set ({size} images)")
-        if batch_size % world_size:
-            raise ValueError(f"--batch-size {batch_size} (the global batch) must divide among {world_size} ranks")
         self.size, self.batch_size, self.seed, self.start, self.stop = size, batch_size, seed, start, stop
         self.batches_per_epoch = size // batch_size
         # under torchrun each rank takes its contiguous slice of the same global batch
@@ -103,10 +115,6 @@ class SeededBatchSampler(Sampler):
             offset = (iteration % self.batches_per_epoch) * self.batch_size
             batch = order[offset:offset + self.batch_size][self.share]
             yield [(int(i), sample_seed(self.seed, epoch, int(i))) for i in batch]
-
-
-def batches_per_epoch(dataset_size: int, batch_size: int) -> int:
-    return max(1, dataset_size // batch_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,17 +277,33 @@ def make_progress(quiet: bool) -> Progress | None:
                     TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
 
 
-def fit(cfg: RunConfig, model: DANet, data: DataBundle, tracker: Tracker, checkpoint_dir: Path,
-        resume: dict[str, Any] | None = None, on_eval: Callable[[int, float], None] | None = None,
-        context: distributed.Context = distributed.SINGLE) -> FitResult:
-    """Train `model` for cfg.train.iterations, validating and checkpointing on the way.
+def autocast_options(train: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """torch.autocast arguments: mixed precision on CUDA when asked for, off elsewhere."""
+    dtype = torch.bfloat16 if train.amp_dtype == "bfloat16" else torch.float16
+    return {"device_type": device.type, "dtype": dtype, "enabled": train.amp and device.type == "cuda"}
 
-    `resume` is a loaded checkpoint to continue from. `on_eval(iteration, miou)` is called after
-    each periodic validation (sweep drivers use it for pruning; it may raise StopRun to end the
-    run). Under torchrun (`context`), each rank trains its slice of every global batch through
-    DistributedDataParallel and validates its share of the images (confusion matrices summed);
-    only rank 0 writes checkpoints, and `tracker` should be a NullTracker on the other ranks.
-    """
+
+@dataclass
+class Training:
+    """The state of a training run: what a checkpoint holds, and what each step uses."""
+
+    cfg: RunConfig
+    model: DANet  # the bare model: state dicts and checkpoints
+    network: torch.nn.Module  # what a step calls: the model, or its DistributedDataParallel wrapper
+    device: torch.device
+    memory_format: torch.memory_format
+    autocast: dict[str, Any]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    loss_fn: SegmentationLoss
+    context: distributed.Context
+    iteration: int = 0
+    best_miou: float | None = None
+
+
+def set_up_training(cfg: RunConfig, model: DANet, context: distributed.Context) -> Training:
+    """Device, DDP wrapper, mixed precision, SGD with the poly schedule, the loss."""
     train = cfg.train
     device = distributed.device_for(context, pick_device(train.device))
     seed_everything(train.seed + context.rank)  # dropout differs per rank; the weights come from rank 0
@@ -290,117 +314,164 @@ def fit(cfg: RunConfig, model: DANet, data: DataBundle, tracker: Tracker, checkp
         if train.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    use_amp = train.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if train.amp_dtype == "bfloat16" else torch.float16
-    autocast = {"device_type": device.type, "dtype": amp_dtype, "enabled": use_amp}
-
+    autocast = autocast_options(train, device)
     optimizer = torch.optim.SGD(model.param_groups(train.lr, train.head_lr_multiplier), lr=train.lr,
                                 momentum=train.momentum, weight_decay=train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: max(0.0, 1 - step / train.iterations) ** train.poly_power)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
-    loss_fn = SegmentationLoss(cfg.model.loss_weights())
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast["enabled"] and autocast["dtype"] == torch.float16)
+    return Training(cfg, model, network, device, memory_format, autocast, optimizer, scheduler, scaler,
+                    SegmentationLoss(cfg.model.loss_weights()), context)
 
-    iteration, best_miou = 0, None
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        iteration, best_miou = resume["iteration"], resume["best_miou"]
-        _set_rng_state(resume["rng"])  # rank 0's state, saved by rank 0
-        if context.rank:  # the other ranks draw their own dropout masks again
-            torch.manual_seed(train.seed + context.rank + 7919 * iteration)
 
-    def checkpoint(name: str) -> None:
-        if not context.is_main:
-            return
-        save_checkpoint(checkpoint_dir / f"{name}.pt", model=model.state_dict(), optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), iteration=iteration,
-                        best_miou=best_miou, config=cfg.to_dict(), rng=_rng_state())
+def restore(training: Training, checkpoint: dict[str, Any]) -> None:
+    """Continue from a loaded checkpoint: weights, optimizer, schedule, scaler, counters, RNGs."""
+    training.model.load_state_dict(checkpoint["model"])
+    training.optimizer.load_state_dict(checkpoint["optimizer"])
+    training.scheduler.load_state_dict(checkpoint["scheduler"])
+    training.scaler.load_state_dict(checkpoint["scaler"])
+    training.iteration, training.best_miou = checkpoint["iteration"], checkpoint["best_miou"]
+    _set_rng_state(checkpoint["rng"])  # rank 0's state, saved by rank 0
+    rank = training.context.rank
+    if rank:  # the other ranks draw their own dropout masks again
+        torch.manual_seed(training.cfg.train.seed + rank + 7919 * training.iteration)
 
-    def checkpoint_after_validation(miou: float) -> None:
-        """Save "best" when this validation beats the best so far, then "last"."""
-        nonlocal best_miou
-        if best_miou is None or miou > best_miou:
-            best_miou = miou
-            checkpoint("best")
-        checkpoint("last")
 
-    sampler = SeededBatchSampler(len(data.train), cfg.data.batch_size, train.seed, iteration, train.iterations,
-                                 context.rank, context.world_size)
-    loader_options = {"num_workers": cfg.data.workers, "pin_memory": device.type == "cuda",
-                      "persistent_workers": False}
-    train_loader = DataLoader(data.train, batch_sampler=sampler,
-                              generator=torch.Generator().manual_seed(train.seed), **loader_options)
+def save_training(training: Training, path: Path) -> None:
+    """The checkpoint of the whole training state (rank 0 only; other ranks do nothing)."""
+    if training.context.is_main:
+        save_checkpoint(path, model=training.model.state_dict(), optimizer=training.optimizer.state_dict(),
+                        scheduler=training.scheduler.state_dict(), scaler=training.scaler.state_dict(),
+                        iteration=training.iteration, best_miou=training.best_miou, config=training.cfg.to_dict(),
+                        rng=_rng_state())
+
+
+def train_step(training: Training, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    """One SGD step on a batch; returns the loss (averaged over ranks) and its unweighted terms."""
+    images = images.to(training.device, non_blocking=True).contiguous(memory_format=training.memory_format)
+    labels = labels.to(training.device, non_blocking=True)
+    with torch.autocast(**training.autocast):
+        outputs = training.network(images)
+    loss = training.loss_fn(outputs, labels)
+    loss_value = distributed.mean(loss.total, training.context)  # the same on every rank
+    if not math.isfinite(loss_value):
+        shown = ", ".join(f"{name} {float(value):.4g}" for name, value in loss.terms.items())
+        raise NonFiniteLoss(f"non-finite loss at iteration {training.iteration + 1} ({shown})")
+    training.optimizer.zero_grad(set_to_none=True)
+    training.scaler.scale(loss.total).backward()
+    training.scaler.step(training.optimizer)
+    training.scaler.update()
+    training.scheduler.step()
+    training.iteration += 1
+    return loss_value, loss.terms
+
+
+def training_metrics(training: Training, loss: float, terms: dict[str, torch.Tensor],
+                     images_per_second: float) -> dict[str, float]:
+    return {"train/loss": loss, "train/lr": training.optimizer.param_groups[0]["lr"],
+            "train/images_per_s": images_per_second} | {f"train/loss_{name}": float(value) for name, value in terms.items()}
+
+
+def record_validation(training: Training, miou: float, checkpoint_dir: Path) -> None:
+    """After a validation: save "best" when it beats the best so far, then "last"."""
+    if training.best_miou is None or miou > training.best_miou:
+        training.best_miou = miou
+        save_training(training, checkpoint_dir / "best.pt")
+    save_training(training, checkpoint_dir / "last.pt")
+
+
+def honour_stop_request(training: Training, checkpoint_dir: Path) -> None:
+    """When a stop was requested on any rank: checkpoint this iteration, then raise Preempted."""
+    if distributed.any_rank(STOP_REQUEST.is_set(), training.context, training.device):
+        save_training(training, checkpoint_dir / "last.pt")
+        raise Preempted(f"stopped by a signal at iteration {training.iteration} (checkpointed); "
+                        "continue with --resume")
+
+
+def agree_to_stop(on_eval: Callable[[int, float], None] | None, iteration: int, miou: float,
+                  context: distributed.Context) -> None:
+    """Ask the sweep driver's hook (rank 0) whether to stop; every rank stops together (StopRun)."""
+    reason = None
+    if on_eval and context.is_main:
+        try:
+            on_eval(iteration, miou)
+        except StopRun as stop:
+            reason = str(stop)
+    reason = distributed.broadcast(reason, context)
+    if reason:
+        raise StopRun(reason)
+
+
+def data_loaders(cfg: RunConfig, data: DataBundle, training: Training) -> tuple[DataLoader, DataLoader]:
+    """Training batches from the current iteration on (resumable), and this rank's share of val."""
+    context, seed = training.context, cfg.train.seed
+    sampler = SeededBatchSampler(len(data.train), cfg.data.batch_size, seed, training.iteration,
+                                 cfg.train.iterations, context.rank, context.world_size)
+    options = {"num_workers": cfg.data.workers, "pin_memory": training.device.type == "cuda",
+               "persistent_workers": False}
+    train_loader = DataLoader(data.train, batch_sampler=sampler, generator=torch.Generator().manual_seed(seed),
+                              **options)
     val_share = Subset(data.val, range(context.rank, len(data.val), context.world_size))
-    val_loader = DataLoader(val_share, batch_size=cfg.eval.eval_batch_size, shuffle=False, **loader_options)
+    return train_loader, DataLoader(val_share, batch_size=cfg.eval.eval_batch_size, shuffle=False, **options)
+
+
+def fit(cfg: RunConfig, model: DANet, data: DataBundle, tracker: Tracker, checkpoint_dir: Path,
+        from_checkpoint: dict[str, Any] | None = None, on_eval: Callable[[int, float], None] | None = None,
+        context: distributed.Context = distributed.SINGLE) -> FitResult:
+    """Train `model` for cfg.train.iterations (from a loaded checkpoint, if given), validating and
+    checkpointing on the way. `on_eval(iteration, miou)` follows each periodic validation (sweep
+    drivers prune with it: it may raise StopRun). Under torchrun (`context`) each rank trains its
+    slice of every global batch through DDP and validates its share of the images; only rank 0
+    writes checkpoints, and `tracker` should be a NullTracker on the other ranks.
+    """
+    train, classes = cfg.train, data.class_names
+    training = set_up_training(cfg, model, context)
+    if from_checkpoint is not None:
+        restore(training, from_checkpoint)
+    train_loader, val_loader = data_loaders(cfg, data, training)
     periodic = dataclasses.replace(cfg.eval, eval_scales=(1.0,), eval_flip=False)
+
+    def validate(protocol: EvalConfig) -> tuple[SegmentationScores, list]:
+        return evaluate(model, val_loader, protocol, data.num_classes, training.device, training.autocast, progress,
+                        keep_samples=PREDICTIONS_LOGGED)
 
     progress = make_progress(cfg.tracking.quiet or not context.is_main)
     images_seen, eval_seconds, loop_start = 0, 0.0, time.perf_counter()
     model.train()
     with progress or contextlib.nullcontext():
-        task = progress.add_task("training", total=train.iterations, completed=iteration, info="") if progress else None
+        task = progress.add_task("training", total=train.iterations, completed=training.iteration, info="") \
+            if progress else None
         window_start, window_images = time.perf_counter(), 0
         for images, labels in train_loader:
-            images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            labels = labels.to(device, non_blocking=True)
-            with torch.autocast(**autocast):
-                outputs = network(images)
-            loss = loss_fn(outputs, labels)
-            loss_value = distributed.mean(loss.total, context)  # the same on every rank
-            if not math.isfinite(loss_value):
-                terms = ", ".join(f"{name} {float(value):.4g}" for name, value in loss.terms.items())
-                raise NonFiniteLoss(f"non-finite loss at iteration {iteration + 1} ({terms})")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss.total).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            iteration += 1
-            images_seen += images.shape[0]
-            window_images += images.shape[0]
-
+            loss, terms = train_step(training, images, labels)
+            iteration = training.iteration
+            images_seen, window_images = images_seen + images.shape[0], window_images + images.shape[0]
             if iteration % train.log_every == 0 or iteration == train.iterations:
                 now = time.perf_counter()
-                metrics = {"train/loss": loss_value, "train/lr": optimizer.param_groups[0]["lr"],
-                           "train/images_per_s": context.world_size * window_images / max(now - window_start, 1e-9)}
-                metrics |= {f"train/loss_{name}": float(value) for name, value in loss.terms.items()}
-                tracker.log(iteration, metrics)
+                speed = context.world_size * window_images / max(now - window_start, 1e-9)
+                tracker.log(iteration, training_metrics(training, loss, terms, speed))
                 window_start, window_images = now, 0
-                if progress:
-                    progress.update(task, info=f"loss {loss_value:.3f}")
             if progress:
-                progress.advance(task)
+                progress.update(task, advance=1, info=f"loss {loss:.3f}")
 
             if train.eval_every and iteration % train.eval_every == 0 and iteration < train.iterations:
                 eval_start = time.perf_counter()
-                scores, samples = evaluate(model, val_loader, periodic, data.num_classes, device, autocast, progress,
-                                           keep_samples=PREDICTIONS_LOGGED)
-                tracker.log(iteration, scores.as_metrics(data.class_names, "val") | attention_gammas(model))
-                tracker.log_predictions(iteration, samples, data.class_names)
-                checkpoint_after_validation(scores.miou)
+                scores, samples = validate(periodic)
+                tracker.log(iteration, scores.as_metrics(classes, "val") | attention_gammas(model))
+                tracker.log_predictions(iteration, samples, classes)
+                record_validation(training, scores.miou, checkpoint_dir)
                 eval_seconds += time.perf_counter() - eval_start
                 window_start = time.perf_counter()
-                stop_reason = None
-                if on_eval and context.is_main:
-                    try:
-                        on_eval(iteration, scores.miou)
-                    except StopRun as stop:
-                        stop_reason = str(stop)
-                stop_reason = distributed.broadcast(stop_reason, context)  # every rank stops together
-                if stop_reason:
-                    raise StopRun(stop_reason)
+                agree_to_stop(on_eval, iteration, scores.miou, context)
             elif iteration % train.checkpoint_every == 0:
-                checkpoint("last")
+                save_training(training, checkpoint_dir / "last.pt")
+            honour_stop_request(training, checkpoint_dir)
 
         train_seconds = time.perf_counter() - loop_start - eval_seconds
-        final, samples = evaluate(model, val_loader, cfg.eval, data.num_classes, device, autocast, progress,
-                                  keep_samples=PREDICTIONS_LOGGED)
-    tracker.log(iteration, final.as_metrics(data.class_names, "val") | final.as_metrics(data.class_names, "final")
+        final, samples = validate(cfg.eval)
+    tracker.log(training.iteration, final.as_metrics(classes, "val") | final.as_metrics(classes, "final")
                 | attention_gammas(model))
-    tracker.log_predictions(iteration, samples, data.class_names)
-    checkpoint_after_validation(final.miou)
-    return FitResult(best_miou, final, iteration, context.world_size * images_seen / max(train_seconds, 1e-9),
-                     train_seconds)
+    tracker.log_predictions(training.iteration, samples, classes)
+    record_validation(training, final.miou, checkpoint_dir)
+    return FitResult(training.best_miou, final, training.iteration,
+                     context.world_size * images_seen / max(train_seconds, 1e-9), train_seconds)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = 255
+from danet.config import IGNORE_INDEX
 
 
 @dataclass

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from danet.data.base import IGNORE_INDEX
+from danet.config import IGNORE_INDEX
 
 
 @dataclass

@@ -26,11 +26,13 @@ from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from rich.console import Console
 
-from danet.cli import Outcome, prepare, run_cell
-from danet.config import RunConfig, UsageError, merge, resolve_run_config
+from danet.config import RunConfig, UsageError, find_yaml, merge, resolve_run_config
+from danet.data import DataError
 from danet.engine import StopRun
-from danet.grids import load_grid
-from danet.tracking import STATUS_COMPLETE, RunStore, find_complete, read_summary
+from danet.evaluation import EvaluationRequest, evaluate_run
+from danet.grids import Evaluation, load_grid
+from danet.runner import BUSY, SKIPPED, Outcome, prepare, run_cell
+from danet.tracking import STATUS_COMPLETE, STATUS_FAILED, STATUS_PRUNED, RunStore, find_complete, read_summary
 
 BUSY_POLL_SECONDS = 2.0
 SCHEMA_ATTEMPTS = 5
@@ -46,17 +48,18 @@ class StudySpec:
     preset: str
     space: dict[str, Any]  # grid: {"cell": [ids]}; search: {param: optuna distribution or fixed value}
     cells: dict[str, dict[str, Any]]  # grid cells; empty for searches
+    evaluations: tuple[Evaluation, ...] = ()  # the grid's protocols to run on each trained cell
 
 
 def grid_spec(grid_name: str, grid_dir: Path) -> StudySpec:
     grid = load_grid(grid_name, grid_dir)
-    return StudySpec("grid", grid.name, grid_name, grid.preset, {"cell": list(grid.cells)}, grid.cells)
+    return StudySpec("grid", grid.name, grid_name, grid.preset, {"cell": list(grid.cells)}, grid.cells,
+                     tuple(grid.evaluations))
 
 
-def search_spec(search_path: Path) -> StudySpec:
-    """A search space from a W&B sweep file (the same file W&B agents use)."""
-    if not search_path.is_file():
-        raise UsageError(f"--search {search_path}: no such file")
+def search_spec(name_or_path: str, sweep_dir: Path) -> StudySpec:
+    """A search space from a W&B sweep file (the same file W&B agents use), by path or name in sweep_dir."""
+    search_path = find_yaml(name_or_path, sweep_dir, "--search")
     sweep = yaml.safe_load(search_path.read_text())
     space: dict[str, Any] = {}
     preset = "demo"
@@ -76,16 +79,6 @@ def search_spec(search_path: Path) -> StudySpec:
         else:
             raise UsageError(f"{search_path}: parameter {name} has a form this driver does not read: {spec}")
     return StudySpec("search", search_path.stem, str(search_path), preset, space, {})
-
-
-def visible_gpus(requested: str | None = None) -> list[str]:
-    """GPU ids from `requested` ("0,2"), else CUDA_VISIBLE_DEVICES, else every GPU torch sees."""
-    listed = requested or os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    if listed.strip():
-        return [gpu.strip() for gpu in listed.split(",") if gpu.strip()]
-    import torch
-
-    return [str(index) for index in range(torch.cuda.device_count())]
 
 
 def open_storage(url: str | None, study: str, workers: int, heartbeat: int) -> optuna.storages.BaseStorage:
@@ -146,7 +139,7 @@ class Objective:
         return_code = subprocess.run(command, check=False).returncode
         run_dir = find_complete(cfg.tracking.runs_dir, cfg.cell_hash()) or RunStore(cfg.tracking.runs_dir, cfg).dir
         summary = read_summary(run_dir) or {"reason": f"torchrun exited with {return_code} and left no record"}
-        return Outcome(summary.get("status", "failed"), return_code, summary, run_dir, summary.get("reason", ""))
+        return Outcome(summary.get("status", STATUS_FAILED), return_code, summary, run_dir, summary.get("reason", ""))
 
     def _suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         if self.spec.mode == "grid":
@@ -183,21 +176,38 @@ class Objective:
                 outcome = self._torchrun(trial, params, prepared.cfg)
             else:
                 outcome = run_cell(prepared, resume=True, on_eval=report, console=self.console)
-            if outcome.status != "busy":
+            if outcome.status != BUSY:
                 break
             time.sleep(BUSY_POLL_SECONDS)  # another worker trains this cell: wait for its record
         trial.set_user_attr("run_dir", str(outcome.run_dir))
         trial.set_user_attr("cell_hash", prepared.cfg.cell_hash())
-        if outcome.status == "pruned":
-            trial.set_user_attr("reason", outcome.summary.get("reason", "pruned"))
+        if outcome.status == STATUS_PRUNED:
+            trial.set_user_attr("reason", outcome.summary.get("reason", STATUS_PRUNED))
             raise optuna.TrialPruned(outcome.summary.get("reason"))
-        if outcome.status not in (STATUS_COMPLETE, "skipped"):
+        if outcome.status not in (STATUS_COMPLETE, SKIPPED):
             reason = outcome.summary.get("reason") or outcome.message
             trial.set_user_attr("reason", reason)
             raise RuntimeError(reason)
-        if outcome.status == "skipped":
+        if outcome.status == SKIPPED:
             trial.set_user_attr("reused_record", True)
+        self._evaluate(trial, prepared.cfg, outcome.run_dir)
         return float(outcome.summary["final_miou"])
+
+    def _evaluate(self, trial: optuna.Trial, cfg: RunConfig, run_dir: Path) -> None:
+        """The grid's evaluations of this cell, on the checkpoint it just wrote (each protocol once)."""
+        for evaluation in self.spec.evaluations:
+            if not evaluation.applies_to(cfg.tracking.grid_cell):
+                continue
+            request = EvaluationRequest(evaluation.checkpoint, evaluation.split, evaluation.protocol)
+            try:
+                record, path, fresh = evaluate_run(run_dir, request)
+            except (UsageError, DataError) as error:  # e.g. a reused record whose checkpoint is gone
+                self.console.print(f"evaluation of {run_dir.name} skipped: {error}", markup=False, soft_wrap=True)
+                trial.set_user_attr("evaluation_skipped", str(error))
+                continue
+            trial.set_user_attr(f"eval/{record['split']}/{record['protocol']}", record["miou"])
+            self.console.print(f"evaluation {'done' if fresh else 'already there'}: {path} val mIoU "
+                               f"{record['miou']:.4f}", markup=False, soft_wrap=True)
 
 
 class ProgressLine:

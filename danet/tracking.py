@@ -12,13 +12,15 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
 from danet.config import RunConfig, dump_yaml
 
+# The statuses a record (summary.json) can have; a preempted run stopped at a checkpoint on request
 STATUS_RUNNING, STATUS_COMPLETE, STATUS_FAILED, STATUS_PRUNED = "running", "complete", "failed", "pruned"
+STATUS_PREEMPTED = "preempted"
 
 
 class Tracker(Protocol):
@@ -45,14 +47,14 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN and infinity become null: JSON has no such numbers and readers choke on them."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
+        return {key: json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
+        return [json_safe(item) for item in value]
     return value
 
 
@@ -74,15 +76,41 @@ def find_complete(runs_dir: str | Path, cell_hash: str) -> Path | None:
 
 
 class RunLock:
-    """An exclusive lock on one run, released when the holder exits or dies (flock)."""
+    """An exclusive lock on one run: a POSIX record lock (`fcntl.lockf`) on a lock file.
 
-    def __init__(self, handle) -> None:
-        self.handle = handle
+    A record lock belongs to the process alone: the DataLoader workers forked after it is taken do
+    not inherit it, so it is gone the moment its holder dies, even by SIGKILL (an flock would live
+    on in the orphaned workers for seconds). It works over NFS. Closing any descriptor of the file
+    in the holder drops it, so the file is opened once per process: the set of held paths also
+    makes a second request from the same process see the run as held.
+    """
+
+    held: ClassVar[set[Path]] = set()
+
+    def __init__(self, path: Path, handle) -> None:
+        self.path, self.handle = path, handle
+
+    @classmethod
+    def acquire(cls, path: Path) -> RunLock | None:
+        """The lock, or None when another process (or this one) holds it."""
+        path = path.resolve()
+        if path in cls.held:
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a")
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):  # EAGAIN or EACCES, depending on the system
+            handle.close()
+            return None
+        cls.held.add(path)
+        return cls(path, handle)
 
     def __enter__(self) -> RunLock:
         return self
 
     def __exit__(self, *exc_info) -> None:
+        self.held.discard(self.path)
         self.handle.close()
 
 
@@ -99,15 +127,7 @@ class RunStore:
 
     def lock(self) -> RunLock | None:
         """Hold this run for this process, or None when another process holds it."""
-        path = self.dir.parent / ".locks" / f"{self.dir.name}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = path.open("a")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            return None
-        return RunLock(handle)
+        return RunLock.acquire(self.dir.parent / ".locks" / f"{self.dir.name}.lock")
 
     def previous_summary(self) -> dict[str, Any] | None:
         return read_summary(self.dir)
@@ -138,7 +158,7 @@ class RunStore:
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as file:
-            file.write(json.dumps(_json_safe({"step": step, "time": time.time(), **metrics})) + "\n")
+            file.write(json.dumps(json_safe({"step": step, "time": time.time(), **metrics})) + "\n")
 
     def log_predictions(self, step, samples, class_names) -> None:
         pass  # images belong in W&B; the record keeps numbers only
@@ -152,7 +172,7 @@ class RunStore:
         self._write_summary()
 
     def _write_summary(self) -> None:
-        atomic_write_text(self.dir / "summary.json", json.dumps(_json_safe(self.summary), indent=2) + "\n")
+        atomic_write_text(self.dir / "summary.json", json.dumps(json_safe(self.summary), indent=2) + "\n")
 
 
 class WandbSink:
@@ -190,6 +210,8 @@ class WandbSink:
         for key in ("best_miou", "final_miou", "images_per_second", "peak_memory_mb", "wall_time_s"):
             if summary.get(key) is not None:
                 self.run.summary[key] = summary[key]
+        if status == STATUS_PREEMPTED:  # a W&B sweep then hands the run out again instead of counting it done
+            self.run.mark_preempting()
         self.run.finish(exit_code=0 if status == STATUS_COMPLETE else 1)
 
 

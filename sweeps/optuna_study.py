@@ -14,8 +14,6 @@ Flags after `--` go to every run (for example --data-root, --runs-dir, --wandb o
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,8 +21,10 @@ import optuna
 from rich.console import Console
 
 from danet.cli import build_parser as run_parser
-from danet.config import UsageError, explicit_settings
-from danet.studies import grid_spec, open_storage, run_worker, search_spec, visible_gpus
+from danet.cli import explicit_settings
+from danet.config import UsageError
+from danet.processes import run_together, visible_gpus
+from danet.studies import grid_spec, open_storage, run_worker, search_spec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -57,28 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.search and args.n_trials is None:
         parser.error("--search needs --n-trials")
 
-    if args.workers > 1:  # the same command once per worker, each on its own GPU when there are GPUs
+    if args.workers > 1:  # the same command once per worker, each on its own GPUs when there are GPUs
         command = [sys.executable, str(Path(__file__).resolve()), *own_flags_without_workers(own_flags), "--", *run_flags]
         gpus, per_worker = visible_gpus(), max(1, args.nproc_per_trial)
-        workers = []
-        for index in range(args.workers):
-            share = [gpus[(index * per_worker + offset) % len(gpus)] for offset in range(per_worker)] if gpus else []
-            environment = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(share)) if share else None
-            workers.append(subprocess.Popen(command, env=environment))
-        try:
-            codes = [worker.wait() for worker in workers]
-        except KeyboardInterrupt:
-            for worker in workers:
-                worker.terminate()
-            return 130
-        return max(codes)
+        shares = [",".join(gpus[(index * per_worker + offset) % len(gpus)] for offset in range(per_worker))
+                  if gpus else "" for index in range(args.workers)]
+        return run_together([(share, command) for share in shares], "worker")
 
     try:
         if args.grid:
             spec = grid_spec(args.grid, REPO / "ablations" / "grids")
         else:
-            search = Path(args.search)
-            spec = search_spec(search if search.suffix in (".yaml", ".yml") else REPO / "sweeps" / f"{search}.yaml")
+            spec = search_spec(args.search, REPO / "sweeps")
         run_args = run_parser().parse_args(run_flags)
         if run_args.config or run_args.grid or run_args.cell:
             raise UsageError("--config, --grid and --cell come from the study's grid or search file, not from run flags")

@@ -1,6 +1,8 @@
+import importlib.util
 import json
 import time
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -8,6 +10,23 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = REPO / "ablations" / "configs"
+GRIDS = REPO / "ablations" / "grids"
+
+
+def resolve(argv: list[str], environment: dict | None = None):
+    """The RunConfig that ablations/run.py would build from `argv`."""
+    from danet.cli import build_parser, config_from_args
+
+    return config_from_args(build_parser().parse_args(argv), PRESETS, environment or {})
+
+
+def load_script(relative_path: str) -> ModuleType:
+    """A script of the repository (sweeps/agents.py, ...) as a module, without touching sys.path."""
+    path = REPO / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_flags(runs_dir: Path, *extra: str) -> list[str]:

@@ -119,3 +119,14 @@ def test_imagenet_weights_without_cache_or_network_say_where_to_put_the_file(tmp
     message = str(error.value)
     assert "\n" not in message
     assert str(expected_path) in message and "--weights PATH" in message
+
+
+def test_basic_blocks_take_the_previous_rate_in_both_convs_of_a_dilated_stages_first_block():
+    # Pinned on purpose (README, "The model"): the released code's BasicBlock puts the stage's new
+    # rate in the first block's conv2; here both 3x3 convs keep the previous rate. Changing it would
+    # change the model behind every committed ResNet-18 record.
+    backbone = DilatedResNet("resnet18", output_stride=8)
+    first3, first4 = backbone.layer3[0], backbone.layer4[0]
+    assert (first3.conv1.dilation, first3.conv2.dilation) == ((1, 1), (1, 1))
+    assert (first4.conv1.dilation, first4.conv2.dilation) == ((2, 2), (2, 2))
+    assert backbone.layer4[1].conv1.dilation == backbone.layer4[1].conv2.dilation == (4, 4)

@@ -5,20 +5,9 @@ import pytest
 import yaml
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
-from danet.cli import build_parser, config_from_args
-from danet.config import (
-    FIELD_HELP,
-    SECTIONS,
-    RunConfig,
-    UsageError,
-    parse_float_list,
-    resolve_for_dataset,
-)
-from tests.conftest import PRESETS, run_cli, tiny_flags
-
-
-def resolve(argv: list[str], environment: dict | None = None) -> RunConfig:
-    return config_from_args(build_parser().parse_args(argv), PRESETS, environment or {})
+from danet.cli import build_parser, parse_float_list
+from danet.config import SECTIONS, RunConfig, UsageError, resolve_for_dataset
+from tests.conftest import PRESETS, resolve, run_cli, tiny_flags
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -53,8 +42,9 @@ def test_every_config_field_is_a_documented_flag():
     help_text = build_parser().format_help()
     for section in SECTIONS.values():
         for field in dataclasses.fields(section):
-            assert f"--{field.name.replace('_', '-')}" in help_text
-            assert field.name in FIELD_HELP
+            if field.metadata["flag"]:
+                assert f"--{field.name.replace('_', '-')}" in help_text
+            assert field.metadata["help"] in " ".join(help_text.split()) or not field.metadata["flag"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -73,11 +63,16 @@ def test_bad_flags_are_one_line_usage_errors(argv, message, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--no-pam", "--pam-reduction", "1"], "--pam-reduction needs --pam"),
-    (["--no-aux", "--loss-weight-cam", "0.5"], "--loss-weight-cam needs --cam and --aux"),
+    (["--no-aux", "--loss-weight-cam", "0.5"], "--loss-weight-cam needs a CAM branch classifier (--aux with"),
+    (["--no-aux", "--aux-branches", "all"], "--aux-branches needs --aux"),
+    (["--head", "fcn"], "head fcn is the baseline without attention: it needs --no-pam --no-cam"),
+    (["--head", "fcn", "--no-cam"], "it needs --no-pam --no-cam"),
+    (["--head", "fcn", "--no-pam", "--no-cam", "--aux-branches", "all"], "--aux-branches needs --aux and --head danet"),
+    (["--output-stride", "32", "--multi-grid"], "multi_grid needs output_stride 8 or 16"),
     (["--scale-min", "0.5"], "--scale-min needs --random-scale"),
     (["--eval-window", "1024"], "--eval-window needs --eval-mode slide"),
     (["--output-stride", "4"], "output_stride must be one of [8, 16, 32], got 4"),
-    (["--config", "nonexistent"], "--config nonexistent: no such preset or file (presets: "),
+    (["--config", "nonexistent"], "--config nonexistent: no such file or name (names: "),
 ])
 def test_impossible_settings_are_usage_errors(argv, message):
     with pytest.raises(UsageError) as error:
@@ -103,7 +98,18 @@ def test_num_classes_is_taken_from_the_dataset_or_must_agree():
     assert resolve_for_dataset(cfg, 5, 10).model.num_classes == 5
     with pytest.raises(UsageError, match="--num-classes 19 contradicts dataset synthetic, which has 5 classes"):
         resolve_for_dataset(resolve(["--num-classes", "19"]), 5, 10)
-    assert resolve_for_dataset(resolve(["--epochs", "3"]), 5, 10).train.iterations == 30
+    assert resolve_for_dataset(resolve(["--epochs", "3"]), 5, 80).train.iterations == 30  # 10 batches of 8
+
+
+def test_batches_that_cannot_be_drawn_are_usage_errors_before_any_record(tmp_path, capsys):
+    with pytest.raises(UsageError, match="--batch-size 8 is larger than the training set \\(4 images\\)"):
+        resolve_for_dataset(resolve([]), 5, 4)
+    with pytest.raises(UsageError, match="--batch-size 8 is the global batch: it must divide among 3 ranks"):
+        resolve_for_dataset(resolve([]), 5, 80, world_size=3)
+    runs = tmp_path / "runs"
+    assert run_cli(tiny_flags(runs, "--batch-size", "16")) == 2
+    assert "--batch-size 16 is larger than the training set (8 images)" in capsys.readouterr().err
+    assert not runs.exists()
 
 
 def test_cell_identity_ignores_paths_devices_and_tracking():

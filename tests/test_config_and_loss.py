@@ -29,7 +29,7 @@ def test_model_config_rejects_unknown_keys_and_wrong_types():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"backbone": "vgg16"}, r"backbone must be one of \['resnet101', 'resnet18', 'resnet34', 'resnet50'\], got 'vgg16'"),
+    ({"backbone": "vgg16"}, r"backbone must be one of \['resnet18', 'resnet34', 'resnet50', 'resnet101'\], got 'vgg16'"),
     ({"output_stride": 4}, r"output_stride must be one of \[8, 16, 32\], got 4"),
     ({"pam_impl": "flash"}, r"pam_impl must be one of \['fused', 'explicit', 'chunked', 'sdpa'\]"),
     ({"cam_energy": "neg"}, r"cam_energy must be one of \['code', 'paper'\]"),
@@ -75,3 +75,27 @@ def test_loss_refuses_an_output_without_a_weight():
     outputs = {"out": torch.randn(1, 3, 2, 2), "pam": torch.randn(1, 3, 2, 2)}
     with pytest.raises(KeyError, match=r"no loss weight for model outputs \['pam'\]"):
         SegmentationLoss({"out": 1.0})(outputs, torch.zeros(1, 2, 2, dtype=torch.long))
+
+
+def test_fields_added_later_stay_out_of_the_cell_hash_at_their_default():
+    from danet.config import IN_CELL_UNLESS_DEFAULT, RunConfig, fields_by_cell_rule
+
+    assert {"head", "aux_branches", "deterministic"} <= fields_by_cell_rule(IN_CELL_UNLESS_DEFAULT)
+    base = RunConfig()
+    assert "head" not in base.cell_dict()["model"] and "deterministic" not in base.cell_dict()["train"]
+    explicit_defaults = RunConfig.from_dict({"model": {"head": "danet", "aux_branches": "attention"},
+                                             "train": {"deterministic": False}})
+    assert explicit_defaults.cell_hash() == base.cell_hash()
+    changed = [base.replace("model", aux_branches="all"), base.replace("train", deterministic=True),
+               base.replace("model", head="fcn", pam=False, cam=False)]
+    hashes = {cfg.cell_hash() for cfg in changed} | {base.replace("model", pam=False, cam=False).cell_hash()}
+    assert len(hashes) == 4 and base.cell_hash() not in hashes
+
+
+def test_cell_names_tell_the_two_baselines_and_deep_supervision_apart():
+    from danet.config import RunConfig
+
+    base = RunConfig().replace("model", pam=False, cam=False)
+    assert base.cell_name() == "danet_r50-d8_fcn_synthetic_s0"
+    assert base.replace("model", head="fcn").cell_name() == "danet_r50-d8_fcn-head_synthetic_s0"
+    assert base.replace("model", aux_branches="all").cell_name() == "danet_r50-d8_fcn-ds_synthetic_s0"

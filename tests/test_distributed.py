@@ -120,8 +120,8 @@ def test_an_optuna_worker_runs_each_trial_as_a_torchrun_job(tmp_path):
     from optuna.storages.journal import JournalFileBackend
 
     grid = tmp_path / "one.yaml"
-    grid.write_text(yaml.safe_dump({"preset": "demo", "blocks": [{"axes": {"seed": [0]}, "cells": {"pam": {
-        "pam": True, "cam": False}}}]}))
+    grid.write_text(yaml.safe_dump({"preset": "demo", "design": "as-released", "blocks": [
+        {"axes": {"seed": [0]}, "cells": {"pam": {"pam": True, "cam": False}}}]}))
     runs = tmp_path / "runs"
     command = [sys.executable, str(REPO / "sweeps" / "optuna_study.py"), "--grid", str(grid), "--study", "ddp",
                "--nproc-per-trial", "2", "--", *tiny_flags(runs, *SETTINGS)]

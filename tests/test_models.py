@@ -9,8 +9,10 @@ from danet.models import DANet, build
 from danet.models.attention import ChannelAttention, PositionAttention
 
 NUM_CLASSES = 5  # deliberately not a dataset's class count
-COMBINATIONS = list(itertools.product([True, False], [True, False], [True, False], [8, 16, 32],
-                                      ["resnet18", "resnet50"]))
+# every combination on ResNet-18; the same on ResNet-50 (bottleneck blocks) in the slow suite
+COMBINATIONS = [pytest.param(*values, marks=[pytest.mark.slow] if values[-1] == "resnet50" else [])
+                for values in itertools.product([True, False], [True, False], [True, False], [8, 16, 32],
+                                                ["resnet18", "resnet50"])]
 
 
 def _tiny_config(**overrides) -> ModelConfig:
@@ -108,3 +110,35 @@ def test_attention_maps_skip_switched_off_modules():
 def test_build_refuses_an_unresolved_class_count():
     with pytest.raises(ValueError, match="num_classes must be set"):
         build(ModelConfig(backbone="resnet18"))
+
+
+def _parameters(module: torch.nn.Module) -> int:
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
+def test_the_fcn_head_is_the_released_dilated_fcn_baseline():
+    # ResNet-50 at 19 classes: conv3x3 2048->512 (no bias) + BN(512) + 1x1 classifier 512->19
+    head = build(ModelConfig(backbone="resnet50", num_classes=19, head="fcn", pam=False, cam=False)).head
+    assert _parameters(head) == 2048 * 512 * 9 + 2 * 512 + 512 * 19 + 19 == 9_447_955
+    danet_head = build(ModelConfig(backbone="resnet50", num_classes=19, pam=False, cam=False)).head
+    assert round(_parameters(danet_head) / 1e6, 1) == 23.6  # the other baseline: two conv branches
+    with pytest.raises(ValueError, match="head fcn is the baseline without attention"):
+        ModelConfig(head="fcn")
+
+
+@pytest.mark.parametrize("pam, cam", [(False, False), (True, True)])
+def test_deep_supervision_of_both_branches_whatever_the_modules(pam, cam):
+    cfg = _tiny_config(pam=pam, cam=cam, aux=True, aux_branches="all")
+    model = build(cfg)
+    outputs = model(torch.randn(2, 3, 32, 32))
+    assert set(outputs) == {"out", "pam", "cam"} == set(cfg.loss_weights())
+    assert set(build(_tiny_config(pam=False, cam=False, aux=True)).train()(torch.randn(2, 3, 32, 32))) == {"out"}
+
+
+def test_evaluation_computes_the_main_output_only():
+    model = build(_tiny_config(aux=True, fcn_aux=True)).eval()
+    with torch.no_grad():
+        assert set(model(torch.randn(1, 3, 32, 32))) == {"out"}
+    fcn = build(_tiny_config(head="fcn", pam=False, cam=False)).eval()
+    with torch.no_grad():
+        assert fcn(torch.randn(1, 3, 32, 32))["out"].shape == (1, NUM_CLASSES, 32, 32)

@@ -72,8 +72,8 @@ def test_grid_study_with_two_workers_runs_every_cell_exactly_once_and_restarts_c
 
 def test_failed_trials_are_recorded_with_the_reason(tmp_path):
     grid = tmp_path / "one.yaml"
-    grid.write_text(yaml.safe_dump({"preset": "demo", "blocks": [{"axes": {"seed": [0]}, "cells": {"fcn": {
-        "pam": False, "cam": False}}}]}))
+    grid.write_text(yaml.safe_dump({"preset": "demo", "design": "as-released", "blocks": [
+        {"axes": {"seed": [0]}, "cells": {"fcn": {"pam": False, "cam": False}}}]}))
     runs = tmp_path / "runs"
     process = _driver("--grid", str(grid), "--study", "boom", "--", *_tiny_run_flags(runs, "--lr", "1e30",
                                                                                      "--iterations", "20"), cwd=tmp_path)
@@ -91,11 +91,10 @@ def test_search_trials_report_val_miou_and_can_be_pruned(tmp_path):
     search.write_text(yaml.safe_dump({"method": "bayes", "parameters": {
         "config": {"value": "demo"}, "lr": {"distribution": "log_uniform_values", "min": 0.001, "max": 0.1},
         "crop_size": {"values": [32]}}}))
-    spec = search_spec(search)
+    spec = search_spec(str(search), tmp_path)
     assert spec.preset == "demo" and isinstance(spec.space["lr"], optuna.distributions.FloatDistribution)
     runs = tmp_path / "runs"
-    from danet.cli import build_parser
-    from danet.config import explicit_settings
+    from danet.cli import build_parser, explicit_settings
 
     overrides = explicit_settings(build_parser().parse_args(_tiny_run_flags(runs, "--iterations", "6")))
     objective = Objective(spec, overrides, PRESETS, Console(quiet=True))

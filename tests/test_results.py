@@ -9,8 +9,7 @@ from danet.config import resolve_for_dataset
 from danet.grids import load_grid
 from reports import make_tables
 from reports.sources import read_run_store
-from tests.conftest import REPO
-from tests.test_sweeps import GRIDS, resolve
+from tests.conftest import GRIDS, REPO, resolve
 
 RESULTS = REPO / "results" / "camvid_cpu"
 CAMVID_CLASSES = 11

@@ -10,28 +10,51 @@ import pytest
 import yaml
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
-from danet.cli import build_parser, config_from_args
 from danet.config import UsageError
 from danet.grids import load_grid
 from danet.tracking import RunStore
-from tests.conftest import PRESETS, REPO, run_cli, tiny_flags
+from tests.conftest import GRIDS, REPO, load_script, resolve, run_cli, tiny_flags
 
-GRIDS = REPO / "ablations" / "grids"
-sys.path.insert(0, str(REPO / "sweeps"))
-import agents  # noqa: E402
-import make_sweeps  # noqa: E402
+agents = load_script("sweeps/agents.py")
+make_sweeps = load_script("sweeps/make_sweeps.py")
 
 
-def resolve(argv):
-    return config_from_args(build_parser().parse_args(argv), PRESETS, {})
-
-
-@pytest.mark.parametrize("name, cells", [("table1", 24), ("table2", 12), ("camvid_cpu", 26), ("demo", 8)])
+@pytest.mark.parametrize("name, cells", [("table1", 24), ("table2", 9), ("camvid_cpu", 26), ("demo", 8)])
 def test_grids_expand_to_their_cells(name, cells):
     grid = load_grid(name, GRIDS)
     assert len(grid.cells) == cells
     for cell_id in grid.cells:  # every cell resolves to a valid config
         resolve(["--grid", name, "--cell", cell_id])
+
+
+def test_a_grid_declares_its_design_and_a_controlled_one_shares_one_recipe(tmp_path):
+    controlled = load_grid("camvid_cpu_controlled", GRIDS)
+    assert controlled.design == "controlled" and len(controlled.cells) == 40 and len(controlled.comparisons) == 4
+    configs = {cell_id: resolve(["--grid", "camvid_cpu_controlled", "--cell", cell_id]) for cell_id in controlled.cells}
+    assert not configs["danet-head_seed=0"].model.aux and not configs["pam-cam_seed=3"].model.aux  # aux off by default
+    assert configs["pam-cam-ds_seed=0"].model.loss_weights().keys() == {"out", "pam", "cam"}
+    assert configs["danet-head-ds_seed=0"].model.loss_weights().keys() == {"out", "pam", "cam"}
+    assert configs["fcn-head_seed=7"].model.head == "fcn"
+    assert {cfg.train.lr for cfg in configs.values()} == {0.02}
+    assert {(cfg.tracking.grid, cfg.tracking.design) for cfg in configs.values()} == {
+        ("camvid_cpu_controlled", "controlled")}
+    assert configs["pam-cam-ds_seed=2"].tracking.grid_cell == "pam-cam-ds"
+
+    def grid_file(**overrides):
+        path = tmp_path / "g.yaml"
+        path.write_text(yaml.safe_dump({"preset": "demo", "design": "controlled", "blocks": [{"axes": {"seed": [0]},
+                        "cells": {"a": {"pam": False}, "b": {"pam": True}}}], **overrides}))
+        return path
+
+    assert len(load_grid(str(grid_file()), GRIDS).cells) == 2
+    with pytest.raises(UsageError, match="differ in their recipe"):
+        load_grid(str(grid_file(blocks=[{"cells": {"a": {"lr": 0.1}, "b": {"lr": 0.2}}}])), GRIDS)
+    with pytest.raises(UsageError, match="design must be one of"):
+        load_grid(str(grid_file(design=None)), GRIDS)
+    with pytest.raises(UsageError, match="evaluation of unknown cells"):
+        load_grid(str(grid_file(evaluations=[{"of": ["c"], "eval_flip": True}])), GRIDS)
+    with pytest.raises(UsageError, match="a comparison needs name, treatment and baseline"):
+        load_grid(str(grid_file(comparisons=[{"name": "x", "treatment": "a", "baseline": "zz"}])), GRIDS)
 
 
 def test_table1_cells_carry_the_papers_tied_settings():
@@ -40,9 +63,11 @@ def test_table1_cells_carry_the_papers_tied_settings():
     assert (fcn.model.pam, fcn.model.cam, fcn.model.aux, fcn.train.lr) == (False, False, False, 0.01)
     assert fcn.model.backbone == "resnet101" and fcn.train.seed == 2 and fcn.data.crop_size == 768
     assert (both.model.pam, both.model.cam, both.model.aux, both.train.lr) == (True, True, True, 0.003)
-    table2 = resolve(["--grid", "table2", "--cell", "da-mg-ms_seed=1"])
-    assert table2.model.multi_grid and table2.data.random_scale and table2.eval.eval_flip
-    assert table2.eval.eval_scales == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.2)
+    table2 = load_grid("table2", GRIDS)
+    assert not any(cell_id.startswith("da-mg-ms") for cell_id in table2.cells)  # MS is an evaluation, not a retrain
+    multi_scale, = table2.evaluations
+    assert multi_scale.of == ("da-mg",) and multi_scale.applies_to("da-mg") and not multi_scale.applies_to("da")
+    assert multi_scale.protocol == {"eval_scales": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.2], "eval_flip": True}
     camvid = load_grid("camvid_cpu", GRIDS).cells
     assert sum(cell_id.startswith("pam-cam-") for cell_id in camvid) == 6
 
@@ -50,6 +75,7 @@ def test_table1_cells_carry_the_papers_tied_settings():
 @pytest.mark.parametrize("argv, message", [
     (["--grid", "demo"], "--grid and --cell go together"),
     (["--grid", "demo", "--cell", "nope"], "--cell nope: not a cell of grid demo (8 cells, e.g. fcn_seed=0"),
+    (["--grid", "nope", "--cell", "x"], "--grid nope: no such file or name (names: "),
     (["--grid", "nope", "--cell", "x"], "--grid nope: no such grid or file"),
     (["--grid", "demo", "--cell", "fcn_seed=0", "--config", "demo"], "--config with --grid"),
 ])

@@ -12,7 +12,7 @@ from danet.data.synthetic import SyntheticDataset
 from danet.data.transforms import eval_transform, train_transform
 from danet.data.voc import VOC
 
-__all__ = ["IGNORE_INDEX", "DataBundle", "DataError", "SegmentationDataset", "build"]
+__all__ = ["IGNORE_INDEX", "DataBundle", "DataError", "SegmentationDataset", "build", "build_split"]
 
 FILE_DATASETS = {"camvid": CamVid, "cityscapes": Cityscapes, "voc": VOC}
 
@@ -25,14 +25,18 @@ class DataBundle:
     class_names: tuple[str, ...]
 
 
-def build(cfg: DataConfig) -> DataBundle:
+def build_split(cfg: DataConfig, split: str, train: bool = False) -> SegmentationDataset:
+    """One split of the configured dataset, with the training augmentation or the evaluation transform."""
+    transform = train_transform(cfg) if train else eval_transform()
     if cfg.dataset == "synthetic":
-        train = SyntheticDataset(cfg.train_split, cfg.synthetic_train_images, cfg.synthetic_size, train_transform(cfg))
-        val = SyntheticDataset(cfg.val_split, cfg.synthetic_val_images, cfg.synthetic_size, eval_transform())
-    else:
-        if not cfg.data_root:
-            raise DataError(f"dataset {cfg.dataset} needs its folder: pass --data-root or set DANET_DATA")
-        dataset = FILE_DATASETS[cfg.dataset]
-        train = dataset(cfg.data_root, cfg.train_split, train_transform(cfg), cfg.image_scale)
-        val = dataset(cfg.data_root, cfg.val_split, eval_transform(), cfg.image_scale)
+        images = cfg.synthetic_train_images if train else cfg.synthetic_val_images
+        return SyntheticDataset(split, images, cfg.synthetic_size, transform)
+    if not cfg.data_root:
+        raise DataError(f"dataset {cfg.dataset} needs its folder: pass --data-root or set DANET_DATA")
+    return FILE_DATASETS[cfg.dataset](cfg.data_root, split, transform, cfg.image_scale)
+
+
+def build(cfg: DataConfig) -> DataBundle:
+    train = build_split(cfg, cfg.train_split, train=True)
+    val = build_split(cfg, cfg.val_split)
     return DataBundle(train, val, train.num_classes, train.class_names)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-IGNORE_INDEX = 255
+from danet.config import IGNORE_INDEX
 
 
 class DataError(Exception):

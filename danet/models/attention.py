@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PAM_IMPLS = ("fused", "explicit", "chunked", "sdpa")
-CAM_ENERGIES = ("code", "paper")
+from danet.config import CAM_ENERGIES, PAM_IMPLS
+
 # Elements of one chunk of the attention matrix in the chunked kernel (16 MiB in fp32).
 CHUNK_ELEMENTS = 1 << 22
 

@@ -16,15 +16,16 @@ import torch
 from torch import nn
 from torchvision import models as tv_models
 
+from danet.config import BACKBONES, OUTPUT_STRIDES
+
 log = logging.getLogger(__name__)
 
-BACKBONES: dict[str, tuple] = {
+BUILDERS: dict[str, tuple] = {
     "resnet18": (tv_models.resnet18, tv_models.ResNet18_Weights.IMAGENET1K_V1),
     "resnet34": (tv_models.resnet34, tv_models.ResNet34_Weights.IMAGENET1K_V1),
     "resnet50": (tv_models.resnet50, tv_models.ResNet50_Weights.IMAGENET1K_V1),
     "resnet101": (tv_models.resnet101, tv_models.ResNet101_Weights.IMAGENET1K_V1),
 }
-OUTPUT_STRIDES = (8, 16, 32)
 MULTI_GRID = (1, 2, 4)
 # Dilation of (stage 3, stage 4) for each output stride.
 STAGE_DILATIONS = {8: (2, 4), 16: (1, 2), 32: (1, 1)}
@@ -108,7 +109,7 @@ class DilatedResNet(nn.Module):
             raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {depth_name!r}")
         if output_stride not in OUTPUT_STRIDES:
             raise ValueError(f"output_stride must be one of {list(OUTPUT_STRIDES)}, got {output_stride!r}")
-        builder, imagenet = BACKBONES[depth_name]
+        builder, imagenet = BUILDERS[depth_name]
         resnet = builder(weights=None)
         # torchvision's attribute names, so that its state dicts load as they are
         self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool

@@ -11,13 +11,15 @@ from danet.models.heads import DAHead, FCNHead
 
 
 class DANet(nn.Module):
-    """Backbone, DAHead on stage 4 and an optional FCNHead on stage 3.
+    """Backbone, a head on stage 4 (DAHead, or FCNHead for the dilated-FCN baseline) and an optional
+    auxiliary FCNHead on stage 3.
 
     forward returns a dict of logits upsampled (bilinear, align_corners=True as in the released
-    code) to the input size: "out" always, "pam" / "cam" / "aux" for the outputs that exist.
+    code) to the input size: "out" always, and in training mode "pam" / "cam" / "aux" for the
+    auxiliary outputs that exist (evaluation neither computes nor upsamples them).
     """
 
-    def __init__(self, backbone: DilatedResNet, head: DAHead, aux_head: FCNHead | None = None) -> None:
+    def __init__(self, backbone: DilatedResNet, head: DAHead | FCNHead, aux_head: FCNHead | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -25,8 +27,9 @@ class DANet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.backbone(images)
-        logits = self.head(features["stage4"])
-        if self.aux_head is not None:
+        head_logits = self.head(features["stage4"])
+        logits = head_logits if isinstance(head_logits, dict) else {"out": head_logits}
+        if self.training and self.aux_head is not None:
             logits["aux"] = self.aux_head(features["stage3"])
         size = images.shape[-2:]
         return {name: F.interpolate(value, size=size, mode="bilinear", align_corners=True)
@@ -53,6 +56,8 @@ class DANet(nn.Module):
         is on), "cam": B x C x C channel attention (when CAM is on), and "cam_features": the
         B x C x h x w input of CAM, whose channels the CAM rows weigh.
         """
+        if not isinstance(self.head, DAHead):
+            raise ValueError("attention maps need the DANet head (this model has the FCN head)")
         features = self.backbone(images)["stage4"]
         height, width = features.shape[-2:]
         image_height, image_width = images.shape[-2:]

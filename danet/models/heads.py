@@ -1,4 +1,4 @@
-"""Segmentation heads: the dual attention head (DAHead) and the FCN auxiliary head (FCNHead)."""
+"""Segmentation heads: the dual attention head (DAHead) and the FCN head (FCNHead)."""
 
 from __future__ import annotations
 
@@ -41,17 +41,19 @@ class DAHead(nn.Module):
 
     Two branches of in/4 channels, one with position attention and one with channel attention;
     the fused logits come from the sum of the branches. With `pam` or `cam` off, that branch keeps
-    its convolutions with identity in place of the attention, so both off is the dilated-FCN
-    baseline with the same convolution stack. With `aux` on, each attention branch also has its
-    own classifier (the PAM and CAM auxiliary outputs of the released code).
+    its convolutions with identity in place of the attention (both off: the "DANet head, no
+    attention" baseline, two conv branches). `pam_classifier` / `cam_classifier` put a classifier
+    of its own on a branch (the PAM and CAM auxiliary outputs of the released code, which exist
+    only where the module is on; deep supervision of a branch without its module is the same
+    classifier).
 
-    Returns a dict of logits at feature resolution: "out", plus "pam" / "cam" for the auxiliary
-    outputs that exist.
+    Returns a dict of logits at feature resolution: "out", plus "pam" / "cam" for the branch
+    classifiers that exist, in training mode only (evaluation uses "out" alone).
     """
 
     def __init__(self, in_channels: int, num_classes: int, pam: bool = True, cam: bool = True,
-                 aux: bool = True, pam_reduction: int = 8, pam_impl: str = "fused",
-                 cam_energy: str = "code", dropout: float = 0.1) -> None:
+                 pam_classifier: bool = True, cam_classifier: bool = True, pam_reduction: int = 8,
+                 pam_impl: str = "fused", cam_energy: str = "code", dropout: float = 0.1) -> None:
         super().__init__()
         if in_channels % 4:
             raise ValueError(f"in_channels must be divisible by 4, got {in_channels}")
@@ -61,21 +63,25 @@ class DAHead(nn.Module):
         self.pam_branch = AttentionBranch(in_channels, channels, position)
         self.cam_branch = AttentionBranch(in_channels, channels, channel)
         self.classifier = classifier(channels, num_classes, dropout)
-        self.pam_classifier = classifier(channels, num_classes, dropout) if pam and aux else None
-        self.cam_classifier = classifier(channels, num_classes, dropout) if cam and aux else None
+        self.pam_classifier = classifier(channels, num_classes, dropout) if pam_classifier else None
+        self.cam_classifier = classifier(channels, num_classes, dropout) if cam_classifier else None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         pam_features, cam_features = self.pam_branch(x), self.cam_branch(x)
         logits = {"out": self.classifier(pam_features + cam_features)}
-        if self.pam_classifier is not None:
+        if self.training and self.pam_classifier is not None:
             logits["pam"] = self.pam_classifier(pam_features)
-        if self.cam_classifier is not None:
+        if self.training and self.cam_classifier is not None:
             logits["cam"] = self.cam_classifier(cam_features)
         return logits
 
 
 class FCNHead(nn.Module):
-    """Auxiliary FCN head on stage 3 (mmseg layout): conv3x3 to in/4 + BN + ReLU, dropout, 1x1."""
+    """The FCN head of the released code: conv3x3 to in/4 + BN + ReLU, dropout, 1x1 classifier.
+
+    On stage 4 it is the paper's dilated-FCN baseline (`--head fcn`); on stage 3, mmseg's
+    auxiliary head (`--fcn-aux`). Returns the logits at feature resolution.
+    """
 
     def __init__(self, in_channels: int, num_classes: int, dropout: float = 0.1) -> None:
         super().__init__()
