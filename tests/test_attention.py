@@ -125,3 +125,28 @@ def test_bad_attention_arguments_name_the_argument_and_the_allowed_values():
         PositionAttention(16, impl="flash")
     with pytest.raises(ValueError, match=r"energy must be one of \['code', 'paper'\]"):
         ChannelAttention("neg")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_chunked_kernel_computes_in_float32_under_autocast(dtype, monkeypatch):
+    # several blocks, so the block loop runs under autocast too
+    monkeypatch.setattr(attention_module, "CHUNK_ELEMENTS", 2 * 2 * 40 + 1)
+    torch.manual_seed(4)
+    q, k = (torch.randn(2, 40, 8).to(dtype) for _ in range(2))
+    v, grad = (torch.randn(2, 40, 32).to(dtype) for _ in range(2))
+    inputs = [tensor.clone().requires_grad_(True) for tensor in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention_module.chunked_attention(*inputs)
+    out.backward(grad)
+
+    reference_inputs = [tensor.float().requires_grad_(True) for tensor in (q, k, v)]
+    reference = attention_module.explicit_attention(*reference_inputs)
+    reference.backward(grad.float())
+    assert out.dtype == dtype
+    # bf16 products would be off by ~1e-2 here; fp32 ones agree to fp32 rounding, and for bf16
+    # inputs up to one bf16 ulp from the final cast
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-6, rtol=2 ** -7)
+    torch.testing.assert_close(out, reference.to(dtype), **tolerance)
+    for candidate, expected in zip(inputs, reference_inputs):
+        assert candidate.grad.dtype == dtype
+        torch.testing.assert_close(candidate.grad, expected.grad.to(dtype), **tolerance)

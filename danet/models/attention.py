@@ -62,10 +62,24 @@ class _ChunkedAttention(torch.autograd.Function):
     N x N map, for about 4% more FLOPs than the explicit product (the recomputed q k^T). The
     blocks live in two reused buffers: allocating fresh ones per block costs page faults that
     take longer than the arithmetic on a CPU.
+
+    Both passes compute in fp32 (fp64 for fp64 input) with autocast off: under autocast the
+    products would otherwise run in bf16/fp16 in the forward only, and the backward, which
+    recomputes the blocks, would differentiate a different function.
     """
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            return _ChunkedAttention._forward(ctx, q, k, v)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+            return _ChunkedAttention._backward(ctx, grad_out)
+
+    @staticmethod
+    def _forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(q)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         batch, positions, _ = q.shape
@@ -86,7 +100,7 @@ class _ChunkedAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
+    def _backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v, out, log_sum_exp = ctx.saved_tensors
         grad_out = grad_out.to(q.dtype)
         batch, positions, _ = q.shape
@@ -111,6 +125,7 @@ class _ChunkedAttention(torch.autograd.Function):
 
 
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T) v by blocks of query rows, in fp32 even under autocast; output in v's dtype."""
     out = _ChunkedAttention.apply(q, k, v)
     return out.to(v.dtype)
 
