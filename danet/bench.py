@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from danet.config import DataConfig
 from danet.data import build as build_data
 from danet.engine import SeededBatchSampler
-from danet.models.attention import FUSED_IMPL, PositionAttention
+from danet.models.attention import PositionAttention, fused_impl
 
 BENCH_IMPLS = ("explicit", "sdpa", "chunked")
 
@@ -85,8 +85,9 @@ def _measure_in_fresh_process(*args) -> tuple[float, float]:
 def bench_attention(args: argparse.Namespace) -> None:
     console = Console()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    fused = fused_impl(torch.device(device))
     table = Table(title=f"PAM forward + backward, batch {args.batch}, C = {args.channels}, {device} "
-                        f"(fused = {FUSED_IMPL})")
+                        f"(fused = {fused})")
     for column in ("feature map", "impl", "time (ms)", "peak memory (MiB)", "time / explicit",
                    "memory / explicit"):
         table.add_column(column, justify="right")
@@ -97,7 +98,7 @@ def bench_attention(args: argparse.Namespace) -> None:
             results[impl] = measure(impl, size, args.batch, args.channels, device, args.repeats)
         base_time, base_memory = results["explicit"]
         for impl, (seconds, peak) in results.items():
-            name = f"{impl} (fused)" if impl == FUSED_IMPL else impl
+            name = f"{impl} (fused)" if impl == fused else impl
             table.add_row(f"{size}x{size}", name, f"{seconds * 1e3:.0f}", f"{peak / 2**20:.0f}",
                           f"{seconds / base_time:.2f}x", f"{peak / max(base_memory, 1):.2f}x")
         table.add_section()

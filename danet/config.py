@@ -287,7 +287,7 @@ FIELD_HELP = {
     "pam": "position attention module",
     "cam": "channel attention module",
     "pam_reduction": "PAM query/key width is C / this (8: released code, 1: the paper)",
-    "pam_impl": "PAM kernel: fused (best for the device), explicit, chunked, sdpa",
+    "pam_impl": "PAM kernel: fused (best for the device), explicit, chunked, sdpa, triton (CUDA)",
     "cam_energy": "CAM energy: code = softmax(rowmax(E) - E) as released, paper = softmax(E)",
     "aux": "auxiliary classifiers (and loss terms) on the PAM and CAM branches",
     "fcn_aux": "mmseg's auxiliary FCN head on stage 3",
