@@ -48,6 +48,10 @@ def _reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
 
 
+def _triton_available(device: str) -> bool:
+    return device.startswith("cuda") and importlib.util.find_spec("triton") is not None
+
+
 def measure_attention(impl: str, size: int, batch: int, channels: int, device: str,
                       repeats: int) -> tuple[float, float]:
     """Median seconds and peak bytes above baseline of one PAM forward + backward."""
@@ -100,7 +104,7 @@ def bench_attention(args: argparse.Namespace) -> None:
         table.add_column(column, justify="right")
     for size in args.sizes:
         results = {}
-        for impl in BENCH_IMPLS:
+        for impl in BENCH_IMPLS + (("triton",) if _triton_available(device) else ()):
             measure = measure_attention if device.startswith("cuda") else _measure_in_fresh_process
             results[impl] = measure(impl, size, args.batch, args.channels, device, args.repeats)
         base_time, base_memory = results["explicit"]
@@ -144,9 +148,7 @@ class _BackboneOnly(nn.Module):
 
 def train_rows(device: str) -> list[TrainRow]:
     """The backbone floor, the DANet head without attention, PAM+CAM per PAM kernel, the FCN head."""
-    impls = ["explicit", "chunked", "sdpa"]
-    if device.startswith("cuda") and importlib.util.find_spec("triton") is not None:
-        impls.append("triton")
+    impls = ["explicit", "chunked", "sdpa"] + (["triton"] if _triton_available(device) else [])
     rows = [TrainRow("backbone alone (floor)", backbone_only=True),
             TrainRow("DANet head, no attention", {"pam": False, "cam": False})]
     rows += [TrainRow(f"PAM+CAM, {impl}", {"pam_impl": impl}) for impl in impls]

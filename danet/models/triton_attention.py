@@ -10,7 +10,7 @@ to the score tile, so the value width is tiled: the forward grid has Cv / BLOCK_
 block of query rows, each recomputing the same q k^T tile and its exponentials for its own value
 slice. That costs (Cv / BLOCK_V - 1) extra q k^T products (N^2 Cq each) next to the N^2 Cv of
 p v: with BLOCK_V = 128, 1.33x the explicit forward's multiply-adds, against the 1.78x of
-SDPA's Cq-wide heads, and a quarter of their exponentials. A larger BLOCK_V recomputes less but
+SDPA's Cq-wide heads, and half of their exponentials. A larger BLOCK_V recomputes less but
 needs more registers per program (fewer programs in flight); it is the knob to tune on a GPU.
 
 The backward (dS = P * (dP - D), D = rowsum(dO * O)) needs dP = dO v^T over the whole value
