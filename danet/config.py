@@ -25,7 +25,7 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 OUTPUT_STRIDES = (8, 16, 32)
 HEADS = ("danet", "fcn")
 AUX_BRANCHES = ("attention", "all")
-PAM_IMPLS = ("fused", "explicit", "chunked", "sdpa")
+PAM_IMPLS = ("fused", "explicit", "chunked", "sdpa", "triton")
 CAM_ENERGIES = ("code", "paper")
 DATASETS = ("synthetic", "camvid", "cityscapes", "voc")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -100,8 +100,8 @@ class ModelConfig:
     pam: bool = setting(True, "position attention module")
     cam: bool = setting(True, "channel attention module")
     pam_reduction: int = setting(8, "PAM query/key width is C / this (8: released code, 1: the paper)")
-    pam_impl: str = setting("fused", "PAM kernel: explicit, chunked, sdpa, or fused (the kernel measured best, "
-                                     "one per kind of device)")
+    pam_impl: str = setting("fused", "PAM kernel: explicit, chunked, sdpa, triton (CUDA), or fused (the kernel "
+                                     "measured best, one per kind of device)")
     cam_energy: str = setting("code", "CAM energy: code = softmax(rowmax(E) - E) as released, paper = softmax(E)")
     aux: bool = setting(True, "branch classifiers (and loss terms) on the DANet head's branches")
     aux_branches: str = setting("attention", "which branches get a classifier with --aux: attention (those whose "

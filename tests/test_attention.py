@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import danet.models.attention as attention_module
 from danet.models.attention import ChannelAttention, PositionAttention
@@ -44,6 +45,34 @@ def test_memory_saving_pam_matches_explicit_in_values_and_gradients(shape, reduc
     torch.testing.assert_close(outputs[1], outputs[0], atol=tolerance, rtol=tolerance)
     for candidate_grad, reference_grad in zip(grads[1], grads[0]):
         torch.testing.assert_close(candidate_grad, reference_grad, atol=tolerance, rtol=tolerance)
+
+
+def test_sdpa_gives_the_fused_kernel_a_layout_it_accepts():
+    # PAM's v is channels-first (stride N along the width); fused kernels refuse that, and with
+    # only the flash kernel allowed SDPA raises instead of silently taking its math fallback
+    torch.manual_seed(5)
+    reference = PositionAttention(32, 8, impl="explicit")
+    torch.nn.init.constant_(reference.gamma, 0.5)
+    x = torch.randn(2, 32, 5, 7)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        result = _copy_of(reference, "sdpa")(x)
+    torch.testing.assert_close(result, reference(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_runs_the_kernel_chosen_for_the_input_device_type(monkeypatch):
+    calls = []
+
+    def recording(name):
+        def kernel(q, k, v):
+            calls.append(name)
+            return attention_module.explicit_attention(q, k, v)
+        return kernel
+
+    monkeypatch.setattr(attention_module, "ATTENTION_FUNCTIONS",
+                        {name: recording(name) for name in attention_module.ATTENTION_FUNCTIONS})
+    monkeypatch.setitem(attention_module.FUSED_IMPL, "cpu", "sdpa")
+    PositionAttention(16, 8, impl="fused")(torch.randn(1, 16, 3, 3))
+    assert calls == ["sdpa"]
 
 
 def test_chunked_kernel_passes_gradcheck_in_float64():
@@ -121,7 +150,32 @@ def test_cam_computes_in_float32_under_autocast():
 def test_bad_attention_arguments_name_the_argument_and_the_allowed_values():
     with pytest.raises(ValueError, match=r"reduction must be a positive divisor of in_channels=12"):
         PositionAttention(12, reduction=8)
-    with pytest.raises(ValueError, match=r"impl must be one of \['fused', 'explicit', 'chunked', 'sdpa'\]"):
+    with pytest.raises(ValueError, match=r"impl must be one of \['fused', 'explicit', 'chunked', 'sdpa', 'triton'\]"):
         PositionAttention(16, impl="flash")
     with pytest.raises(ValueError, match=r"energy must be one of \['code', 'paper'\]"):
         ChannelAttention("neg")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_chunked_kernel_computes_in_float32_under_autocast(dtype, monkeypatch):
+    # several blocks, so the block loop runs under autocast too
+    monkeypatch.setattr(attention_module, "CHUNK_ELEMENTS", 2 * 2 * 40 + 1)
+    torch.manual_seed(4)
+    q, k = (torch.randn(2, 40, 8).to(dtype) for _ in range(2))
+    v, grad = (torch.randn(2, 40, 32).to(dtype) for _ in range(2))
+    inputs = [tensor.clone().requires_grad_(True) for tensor in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention_module.chunked_attention(*inputs)
+    out.backward(grad)
+
+    reference_inputs = [tensor.float().requires_grad_(True) for tensor in (q, k, v)]
+    reference = attention_module.explicit_attention(*reference_inputs)
+    reference.backward(grad.float())
+    assert out.dtype == dtype
+    # bf16 products would be off by ~1e-2 here; fp32 ones agree to fp32 rounding, and for bf16
+    # inputs up to one bf16 ulp from the final cast
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-6, rtol=2 ** -7)
+    torch.testing.assert_close(out, reference.to(dtype), **tolerance)
+    for candidate, expected in zip(inputs, reference_inputs):
+        assert candidate.grad.dtype == dtype
+        torch.testing.assert_close(candidate.grad, expected.grad.to(dtype), **tolerance)

@@ -31,7 +31,7 @@ def test_model_config_rejects_unknown_keys_and_wrong_types():
 @pytest.mark.parametrize("overrides, message", [
     ({"backbone": "vgg16"}, r"backbone must be one of \['resnet18', 'resnet34', 'resnet50', 'resnet101'\], got 'vgg16'"),
     ({"output_stride": 4}, r"output_stride must be one of \[8, 16, 32\], got 4"),
-    ({"pam_impl": "flash"}, r"pam_impl must be one of \['fused', 'explicit', 'chunked', 'sdpa'\]"),
+    ({"pam_impl": "flash"}, r"pam_impl must be one of \['fused', 'explicit', 'chunked', 'sdpa', 'triton'\]"),
     ({"cam_energy": "neg"}, r"cam_energy must be one of \['code', 'paper'\]"),
     ({"pam_reduction": 0}, r"pam_reduction must be >= 1"),
     ({"num_classes": -1}, r"num_classes must be >= 0 \(0: from the dataset\)"),

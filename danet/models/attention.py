@@ -25,17 +25,19 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The same product through `scaled_dot_product_attention` with scale 1.
 
-    Fused kernels want equal q/k/v widths, so v (width Cv) is cut into Cv / Cq slices of width
-    Cq that become heads sharing one q and one k: exact, because every output column depends on
-    the attention weights and its own value column only.
+    The flash kernels (CUDA and CPU) want equal q/k/v widths, so v (width Cv) is cut into Cv / Cq
+    slices of width Cq that become heads sharing one q and one k: exact, because every output
+    column depends on the attention weights and its own value column only. Every fused kernel
+    also wants unit stride along the width: PAM's v comes from a convolution as B x N x C with
+    stride N along C, so the heads are copied contiguous (without that copy SDPA silently takes
+    its math fallback, which builds Cv / Cq attention maps). README "Position attention kernels".
     """
     batch, positions, width = q.shape
     heads = v.shape[-1] // width
-    # The shared q and k are copied per head: expanded (stride 0) tensors send some backends to a
-    # slow path that materialises far more than this copy.
+    # SDPA can share k and v among query heads (GQA), not q and k among value heads: copy them.
     q = q.unsqueeze(1).expand(batch, heads, positions, width).contiguous()
     k = k.unsqueeze(1).expand(batch, heads, positions, width).contiguous()
-    v = v.reshape(batch, positions, heads, width).transpose(1, 2)  # B, heads, N, Cq
+    v = v.reshape(batch, positions, heads, width).transpose(1, 2).contiguous()  # B, heads, N, Cq
     out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
     return out.transpose(1, 2).reshape(batch, positions, heads * width)
 
@@ -62,10 +64,24 @@ class _ChunkedAttention(torch.autograd.Function):
     N x N map, for about 4% more FLOPs than the explicit product (the recomputed q k^T). The
     blocks live in two reused buffers: allocating fresh ones per block costs page faults that
     take longer than the arithmetic on a CPU.
+
+    Both passes compute in fp32 (fp64 for fp64 input) with autocast off: under autocast the
+    products would otherwise run in bf16/fp16 in the forward only, and the backward, which
+    recomputes the blocks, would differentiate a different function.
     """
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            return _ChunkedAttention._forward(ctx, q, k, v)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+            return _ChunkedAttention._backward(ctx, grad_out)
+
+    @staticmethod
+    def _forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(q)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         batch, positions, _ = q.shape
@@ -86,7 +102,7 @@ class _ChunkedAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
+    def _backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v, out, log_sum_exp = ctx.saved_tensors
         grad_out = grad_out.to(q.dtype)
         batch, positions, _ = q.shape
@@ -111,19 +127,37 @@ class _ChunkedAttention(torch.autograd.Function):
 
 
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T) v by blocks of query rows, in fp32 even under autocast; output in v's dtype."""
     out = _ChunkedAttention.apply(q, k, v)
     return out.to(v.dtype)
 
 
-# The kernel behind impl="fused": the memory-saving one that measured best, on both kinds of device
-# measured so far. CPU: SDPA's kernels recompute q k^T once per value slice (6x slower, 8x the
-# memory). CUDA (an H200): SDPA falls back to its math kernel for this shape of problem, 7.6x the
-# explicit kernel's memory, while chunked needs 0.1-0.2x of it and trained DANet faster than SDPA.
-# README "Benchmarks" has the numbers (`python -m danet.bench attention`).
-FUSED_IMPL = "chunked"
+def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The Triton kernel (danet/models/triton_attention.py): CUDA, or the CPU under TRITON_INTERPRET=1."""
+    try:  # imported here, so installs without triton (CPU-only ones) never need it
+        from danet.models.triton_attention import triton_attention as kernel
+    except ImportError as error:
+        if error.name != "triton":
+            raise
+        raise RuntimeError("impl='triton' needs the triton package (pip install triton) and a CUDA GPU; "
+                           "use 'chunked' or 'explicit' without them") from error
+    return kernel(q, k, v)
 
 
-ATTENTION_FUNCTIONS = {"explicit": explicit_attention, "sdpa": sdpa_attention, "chunked": chunked_attention}
+# The kernel behind impl="fused", per device type: the memory-saving one that measured best.
+# CPU: chunked (SDPA recomputes q k^T once per value slice: slower, more memory; README
+# "Benchmarks"). CUDA: chunked until the training benchmark (`python -m danet.bench train --device
+# cuda`) has measured sdpa (now on its fused kernels) and triton on a GPU; set it from that table.
+FUSED_IMPL = {"cpu": "chunked", "cuda": "chunked"}
+
+
+def fused_impl(device: torch.device) -> str:
+    """The kernel impl="fused" runs on this device (chunked on device types not measured)."""
+    return FUSED_IMPL.get(device.type, "chunked")
+
+
+ATTENTION_FUNCTIONS = {"explicit": explicit_attention, "sdpa": sdpa_attention, "chunked": chunked_attention,
+                       "triton": triton_attention}
 
 
 class PositionAttention(nn.Module):
@@ -134,8 +168,9 @@ class PositionAttention(nn.Module):
     Args:
         in_channels: C, the channels of the input and output.
         reduction: query/key width is C / reduction (8 in the released code, 1 as in the paper).
-        impl: "explicit" builds the N x N map (the reference); "sdpa" and "chunked" are exact
-            memory-saving kernels; "fused" picks the faster of those two for the input's device.
+        impl: "explicit" builds the N x N map (the reference); "chunked", "sdpa" and "triton"
+            (CUDA only) are exact memory-saving kernels; "fused" is FUSED_IMPL[device type] of the
+            input, the kernel measured best on that kind of device.
     """
 
     def __init__(self, in_channels: int, reduction: int = 8, impl: str = "fused") -> None:
@@ -158,7 +193,7 @@ class PositionAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
         q, k, v = self._flat(self.query, x), self._flat(self.key, x), self._flat(self.value, x)
-        impl = FUSED_IMPL if self.impl == "fused" else self.impl
+        impl = fused_impl(x.device) if self.impl == "fused" else self.impl
         out = ATTENTION_FUNCTIONS[impl](q, k, v)  # B, N, C
         out = out.transpose(1, 2).reshape(batch, channels, height, width)
         return self.gamma * out + x

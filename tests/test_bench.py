@@ -1,0 +1,29 @@
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow  # one fresh process per row: about a minute on two cores
+def test_train_benchmark_prints_one_markdown_table_with_every_row_on_the_cpu():
+    result = subprocess.run([sys.executable, "-m", "danet.bench", "train", "--device", "cpu", "--crop", "32",
+                             "--batch", "1", "--iterations", "1", "--warmup", "1", "--classes", "5"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("Training step on cpu: resnet18, output stride 8, crop 32, batch 1, 5 classes, fp32")
+    header, rule, *rows = lines[2:]
+    assert header.startswith("| configuration | images/s | step (ms) | peak memory (MiB) |") and rule.startswith("|---|")
+    names = [row.split(" | ")[0].removeprefix("| ") for row in rows]
+    expected = ["backbone alone (floor)", "DANet head, no attention", "PAM+CAM, explicit", "PAM+CAM, chunked",
+                "PAM+CAM, sdpa"]
+    assert names[:5] == expected and set(names[5:]) <= {"FCN head"}  # triton rows are CUDA-only
+    for row in rows:
+        cells = row.strip("| ").split(" | ")
+        assert len(cells) == 6 and float(cells[1]) > 0 and float(cells[3]) > 0, row
+        assert re.fullmatch(r"\d+\.\d\dx", cells[4]) and re.fullmatch(r"[+-]\d+", cells[5]), row
+    assert rows[1].split(" | ")[4] == "1.00x"  # ratios are against the head without attention
