@@ -152,10 +152,7 @@ def train_rows(device: str) -> list[TrainRow]:
     rows = [TrainRow("backbone alone (floor)", backbone_only=True),
             TrainRow("DANet head, no attention", {"pam": False, "cam": False})]
     rows += [TrainRow(f"PAM+CAM, {impl}", {"pam_impl": impl}) for impl in impls]
-    # The FCN head row: ModelConfig gets a `head` field ("danet" / "fcn") from separate work; the
-    # row appears once it exists. This is the one place to adjust if its overrides differ.
-    if "head" in {field.name for field in dataclasses.fields(ModelConfig)}:
-        rows.append(TrainRow("FCN head", {"head": "fcn"}))
+    rows.append(TrainRow("FCN head (the dilated-FCN baseline)", {"head": "fcn", "pam": False, "cam": False}))
     return rows
 
 
