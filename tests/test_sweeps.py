@@ -76,7 +76,6 @@ def test_table1_cells_carry_the_papers_tied_settings():
     (["--grid", "demo"], "--grid and --cell go together"),
     (["--grid", "demo", "--cell", "nope"], "--cell nope: not a cell of grid demo (8 cells, e.g. fcn_seed=0"),
     (["--grid", "nope", "--cell", "x"], "--grid nope: no such file or name (names: "),
-    (["--grid", "nope", "--cell", "x"], "--grid nope: no such grid or file"),
     (["--grid", "demo", "--cell", "fcn_seed=0", "--config", "demo"], "--config with --grid"),
 ])
 def test_grid_usage_errors(argv, message):
