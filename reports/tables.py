@@ -246,7 +246,10 @@ def ablation_table(runs: pd.DataFrame, layout: Layout, metric: str = "final_miou
     paper_backbones = sorted({key[paper_columns.index("backbone")] for key in paper}, key=lambda name: (len(name), name)) \
         if "backbone" in paper_columns else []  # resnet50 before resnet101
     groups = {key if isinstance(key, tuple) else (key,): group for key, group in complete.groupby(rows)}
-    by_seed_of = {key: _by_seed(group, metric, cell_label(dict(zip(rows, key)), layout)) for key, group in groups.items()}
+    several_backbones = "backbone" in rows and complete["backbone"].nunique() > 1
+    label_of = {key: cell_label(dict(zip(rows, key)), layout) + (f" ({dict(zip(rows, key))['backbone']})"
+                                                                 if several_backbones else "") for key in groups}
+    by_seed_of = {key: _by_seed(group, metric, label_of[key]) for key, group in groups.items()}
 
     def standard(values: dict[str, Any], **fixed: Any) -> tuple:
         return tuple(fixed.get(column, layout.variants.get(column, value)) for column, value in values.items())
@@ -256,10 +259,10 @@ def ablation_table(runs: pd.DataFrame, layout: Layout, metric: str = "final_miou
         values = dict(zip(rows, key))
         by_seed = by_seed_of[key]
         variant = ", ".join(f"{field}={values[field]}" for field in varying if values[field] != layout.variants[field])
-        record = {**_cell_record(values, group, by_seed), "variant": variant, "cell": cell_label(values, layout)}
+        record = {**_cell_record(values, group, by_seed), "variant": variant, "cell": label_of[key]}
         baseline_key = standard(values, **layout.baseline)
         if baseline_key in groups and baseline_key != key:
-            record |= _paired_statistics(by_seed, by_seed_of[baseline_key])
+            record |= {"baseline": label_of[baseline_key], **_paired_statistics(by_seed, by_seed_of[baseline_key])}
         if variant and standard(values) in groups and standard(values) != baseline_key:
             record |= _paired_statistics(by_seed, by_seed_of[standard(values)], prefix="standard_")
         # the paper's numbers, only where the paper has the row's configuration (its head included)
@@ -277,9 +280,6 @@ def ablation_table(runs: pd.DataFrame, layout: Layout, metric: str = "final_miou
     records.sort(key=lambda r: (sum(r[c] != v for c, v in layout.baseline.items() if c in r), bool(r["variant"]),
                                 tuple(r[c] == v for c, v in layout.baseline.items() if c in r),
                                 tuple(str(r[c]) for c in rows)))
-    if "backbone" in rows and complete["backbone"].nunique() > 1:  # one name per cell in figures
-        for record in records:
-            record["cell"] += f" ({record['backbone']})"
     return add_tests(pd.DataFrame(records), alpha, power, effect)
 
 
