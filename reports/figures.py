@@ -39,10 +39,10 @@ def _seed_dots(axis: plt.Axes, positions: dict[str, float], values: pd.DataFrame
                      edgecolor="none", zorder=3)
 
 
-def _interval_legend(axis: plt.Axes, extra: list[tuple[Line2D, str]]) -> None:
+def _interval_legend(axis: plt.Axes, dot: str, extra: list[tuple[Line2D, str]]) -> None:
     handles = [Line2D([], [], marker="o", linestyle="none", color="gray", markersize=5),
                Line2D([], [], marker="D", linestyle="-", color="black", markersize=5)] + [h for h, _ in extra]
-    labels = ["one run (seed)", "mean and 95% t-interval over seeds (no interval for n = 1)"] + [t for _, t in extra]
+    labels = [dot, "mean and 95% t-interval over seeds (no interval for n = 1)"] + [t for _, t in extra]
     axis.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, fontsize=8)
 
 
@@ -74,7 +74,7 @@ def point_intervals(table: pd.DataFrame, runs: pd.DataFrame, palette: Palette, o
                     rotation=20, ha="right", fontsize=8)
     axis.set_ylabel("val mIoU (%)")
     axis.set_title(title, fontsize=10)
-    _interval_legend(axis, extra)
+    _interval_legend(axis, "one run (seed)", extra)
     return save(figure, out_dir, name)
 
 
@@ -107,7 +107,7 @@ def comparison_intervals(comparisons: pd.DataFrame, runs: pd.DataFrame, palette:
                     rotation=20, ha="right", fontsize=8)
     axis.set_ylabel("Δ val mIoU (points), paired by seed")
     axis.set_title(title, fontsize=10)
-    _interval_legend(axis, [])
+    _interval_legend(axis, "one seed: treatment − baseline", [])
     return save(figure, out_dir, name)
 
 

@@ -40,6 +40,7 @@ from reports.sources import (
 from reports.stats import POWER
 from reports.tables import (
     ALPHA,
+    CELL_NOTE,
     EFFECT,
     TABLE1,
     TABLE2,
@@ -111,9 +112,9 @@ def make_figures(runs: pd.DataFrame, table: pd.DataFrame, name: str, out: Path, 
     written = figures.point_intervals(table, runs, palette, out, f"{name}_intervals",
                                       f"{name}: val mIoU per cell ({where})")
     if comparisons is not None:
-        written += figures.comparison_intervals(comparisons, runs, palette, out,
-                                                name.replace("cells", "comparisons", 1) + "_intervals",
-                                                f"{name}: paired differences by seed ({where})")
+        compared = name.replace("cells", "comparisons", 1)
+        written += figures.comparison_intervals(comparisons, runs, palette, out, f"{compared}_intervals",
+                                                f"{compared}: paired differences by seed ({where})")
     written += figures.class_heatmap(runs, table["cell"].tolist(), baseline, out, f"{name}_class_iou",
                                      f"{name}: per-class IoU")
     if "run_dir" in runs:  # curves need the metrics.jsonl of local records
@@ -218,8 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             layout_runs = usable[usable["grid"] != spec.name]
             cells, comparisons = grid_tables(grid_runs, spec, args.metric, **statistics)
             lines = provenance_lines(grid_runs, numbers)
-            note_cells = ("mIoU in % over seeds (mean ± sample sd, n, 95% t-interval); cells of grid "
-                          f"{spec.name}, matched by their records' grid_cell. " + " ".join(lines))
+            note_cells = f"{CELL_NOTE} Cells of grid {spec.name}, matched by their records' grid_cell. " + " ".join(lines)
             baseline = comparisons["baseline"].mode().iloc[0] if not comparisons.empty else None
             with_cell = grid_runs.assign(cell=grid_runs["grid_cell"])
             pending.append((cells, presentable_cells(cells), "cells", note_cells, with_cell, baseline, comparisons))
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                 dataset, _, _ = paper_reference(layout)
                 name, meaning = BASELINES[layout.name]
                 used = layout_runs[layout_runs["run_id"].isin(table["run_ids"].explode())]
-                note = table_note(table, f"{meaning} ('{name}')", **statistics) + " " + " ".join(
+                note = CELL_NOTE + " " + table_note(table, f"{meaning} ('{name}')", **statistics) + " " + " ".join(
                     provenance_lines(used, numbers))
                 cell_of = table[["cell", "run_ids"]].explode("run_ids").set_index("run_ids")["cell"]
                 pending.append((table, presentable(table, layout, name, dataset, **statistics), layout.name,

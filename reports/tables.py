@@ -494,11 +494,14 @@ def presentable_comparisons(comparisons: pd.DataFrame, alpha: float = ALPHA, pow
     return out
 
 
+CELL_NOTE = "mIoU in % over seeds (mean ± sample sd, n, 95% t-interval)."
+
+
 def table_note(table: pd.DataFrame, baseline: str, alpha: float, power: float, effect: float) -> str:
     """What the statistics are, in the words a reader needs: the Holm family, the pairing, power."""
     tested = int(table["p_holm"].notna().sum())
     k = int(table["holm_k"].max()) if table["holm_k"].notna().any() else 0
-    return (f"mIoU in % over seeds (mean ± sample sd, n, 95% t-interval). Δ: against {baseline}, paired by seed: the "
+    return (f"Δ: against {baseline}, paired by seed: the "
             f"mean and 95% t-interval of the differences over the seeds both cells have (n pairs, which may be fewer "
             f"than either cell's n). p: exact one-sided sign-flip test of those differences; Holm's correction runs "
             f"over the family of the {_rows(tested)} with a test (rows whose n pairs let the exact test reach "
