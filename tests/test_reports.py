@@ -199,10 +199,15 @@ def test_attention_figure_from_a_checkpoint(tmp_path):
     checkpoint = next(runs.glob("*/checkpoints/best.pt"))
     image = tmp_path / "image.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(image)
-    figure = attention_figure.attention_figure(checkpoint, image, [(3, 4), (20, 40)], [0, 5])
+    figure = attention_figure.attention_figure(checkpoint, image, [(3, 4), (20, 40)], [0, 5], why="the only run")
     titles = [axis.get_title() for axis in figure.axes if axis.get_title()]
     assert titles == ["image and query points", "PAM: attention of point 1", "PAM: attention of point 2",
                       "CAM: channel 0 response", "CAM: channel 5 response", "prediction"]
+    maps = {axis.get_title(): axis for axis in figure.axes if axis.get_title()[:3] in ("PAM", "CAM")}
+    assert all(axis.images[-1].colorbar is not None for axis in maps.values())  # a colour bar per map
+    pam_scales = {axis.images[-1].get_clim() for title, axis in maps.items() if title.startswith("PAM")}
+    assert len(pam_scales) == 1 and min(pam_scales)[0] == 0.0  # one shared scale across the PAM maps
+    assert ", seed 0 (the only run):" in figure._suptitle.get_text()
     out = tmp_path / "fig" / "attention.png"
     assert attention_figure.main([str(checkpoint), str(image), "--out", str(out)]) == 0
     assert out.stat().st_size > 1000 and out.with_suffix(".pdf").exists()
