@@ -1,10 +1,11 @@
 """A figure in the style of the paper's Figure 4, from a checkpoint and an image.
 
     python reports/attention_figure.py runs/<run>/checkpoints/best.pt IMAGE.png [--label LABEL.png]
-        [--points 60,80 120,200] [--channels 3 11] [--out attention.png]
+        [--points 60,80 120,200] [--channels 3 11] [--why "the median-mIoU seed"] [--out attention.png]
 
 Columns: the image with the query points, the PAM attention map of each point (where that pixel
-looks), two CAM channel responses (the channel-attention output of chosen channels), the
+looks; one colour scale across the PAM maps, each with its colour bar), two CAM channel responses
+(each on its own scale, with its colour bar) (the channel-attention output of chosen channels), the
 prediction and, with --label, the ground truth. The model is rebuilt from the config stored in
 the checkpoint; only the rows of the attention matrix for the chosen points are computed.
 This is the one report that loads a model: it needs torch, the tables do not.
@@ -38,7 +39,7 @@ def parse_point(text: str) -> tuple[int, int]:
 
 
 def attention_figure(checkpoint_path: Path, image_path: Path, points: list[tuple[int, int]] | None,
-                     channels: list[int], label_path: Path | None = None) -> plt.Figure:
+                     channels: list[int], label_path: Path | None = None, why: str = "") -> plt.Figure:
     checkpoint = load_checkpoint(checkpoint_path)
     cfg = RunConfig.from_dict(checkpoint["config"])
     model = build(cfg.model.__class__(**{**cfg.model.to_dict(), "weights": "none"}))
@@ -67,10 +68,13 @@ def attention_figure(checkpoint_path: Path, image_path: Path, points: list[tuple
     axis.set_title("image and query points")
     if "pam" in maps:
         upsampled = F.interpolate(maps["pam"], size=(height, width), mode="bilinear", align_corners=True)[0]
+        # one scale for every PAM map: a flat map must look flat beside a peaked one
+        highest = float(upsampled.max())
         for index, attention in enumerate(upsampled):
             axis = axes.pop(0)
             axis.imshow(image)
-            axis.imshow(attention.numpy(), cmap="jet", alpha=0.55)
+            shown = axis.imshow(attention.numpy(), cmap="jet", alpha=0.55, vmin=0.0, vmax=highest)
+            figure.colorbar(shown, ax=axis, fraction=0.046, pad=0.02, label="attention weight (shared scale)")
             axis.scatter([points[index][1]], [points[index][0]], s=60, marker="+", color="white", linewidths=2)
             axis.set_title(f"PAM: attention of point {index + 1}")
     if "cam" in maps:
@@ -78,8 +82,9 @@ def attention_figure(checkpoint_path: Path, image_path: Path, points: list[tuple
         responses = (maps["cam"] @ features).view(maps["cam_features"].shape)[0]
         for channel in channels:
             axis = axes.pop(0)
-            axis.imshow(F.interpolate(responses[None, channel:channel + 1], size=(height, width), mode="bilinear",
-                                      align_corners=True)[0, 0].numpy(), cmap="jet")
+            shown = axis.imshow(F.interpolate(responses[None, channel:channel + 1], size=(height, width),
+                                              mode="bilinear", align_corners=True)[0, 0].numpy(), cmap="jet")
+            figure.colorbar(shown, ax=axis, fraction=0.046, pad=0.02, label="response (this channel's scale)")
             axis.set_title(f"CAM: channel {channel} response")
     axis = axes.pop(0)
     axis.imshow(prediction, cmap="tab20", vmin=0, vmax=19, interpolation="nearest")
@@ -90,9 +95,11 @@ def attention_figure(checkpoint_path: Path, image_path: Path, points: list[tuple
         axes.pop(0).imshow(label, cmap="tab20", vmin=0, vmax=19, interpolation="nearest")
         figure.axes[-1].set_title("ground truth (white: ignored)")
     for axis in figure.axes:
-        axis.set_xticks([])
-        axis.set_yticks([])
-    figure.suptitle(f"{cfg.cell_name()}: where the attention looks")
+        if not axis.get_label() == "<colorbar>":
+            axis.set_xticks([])
+            axis.set_yticks([])
+    figure.suptitle(f"{cfg.cell_name()}, seed {cfg.train.seed} ({why or 'seed chosen by hand, reason not given'}): "
+                    "where the attention looks")
     figure.tight_layout()
     return figure
 
@@ -106,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points", type=parse_point, nargs="+", metavar="ROW,COL",
                         help="query pixels in image coordinates after the run's --image-scale (default: two)")
     parser.add_argument("--channels", type=int, nargs="+", default=[0, 1], help="CAM channels to show (default: 0 1)")
+    parser.add_argument("--why", default="", help="why this run's seed, for the title (e.g. 'the median-mIoU seed "
+                                                  "of the cell')")
     parser.add_argument("--out", type=Path, default=Path("reports/out/attention.png"),
                         help="output file; a .pdf is written beside the .png (default: reports/out/attention.png)")
     args = parser.parse_args(argv)
@@ -113,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             print(f"{parser.prog}: error: no such file: {path}", file=sys.stderr)
             return 2
-    figure = attention_figure(args.checkpoint, args.image, args.points, args.channels, args.label)
+    figure = attention_figure(args.checkpoint, args.image, args.points, args.channels, args.label, args.why)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.out, dpi=150, bbox_inches="tight")
     figure.savefig(args.out.with_suffix(".pdf"), bbox_inches="tight")

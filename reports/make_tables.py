@@ -5,10 +5,18 @@
     python reports/make_tables.py --wandb ENTITY/PROJECT [--sweep ID]
     python reports/make_tables.py --optuna-storage URL --study NAME
     python reports/make_tables.py --rows backbone,pam --cols cam   # any fields against any others
+    python reports/make_tables.py --runs-dir R --out O --split test --protocol ms0.75-1-1.25-flip
 
-Writes table1 / table2 (where the runs vary those fields) and the generic table as .md, .tex and
-.csv, plus runs.csv (one row per run) and not_complete.csv (running, failed, pruned runs, listed,
-never averaged in). Exit status 2 when no runs are found or a cell would pool different settings.
+Writes table1 / table2 (where the runs vary those fields), or, for the records of a grid that
+declares comparisons (ablations/grids/<grid>.yaml), cells (one row per grid cell) and comparisons
+(the grid's paired comparisons); the generic table; each as .md, .tex and .csv, plus runs.csv (one
+row per run) and not_complete.csv (running, failed, unreadable runs and complete runs without a
+usable number, each with its reason: listed, never averaged in). With --split / --protocol the
+numbers come from the runs' evaluation records and every file name gets that suffix.
+
+Each call first removes the files an earlier call with the same suffix wrote, so the folder always
+describes the last call. Exit status 2 (and no tables) when no runs are found, a cell would pool
+different settings, or two complete records share a cell and seed (see --duplicates).
 """
 
 from __future__ import annotations
@@ -20,28 +28,48 @@ from pathlib import Path
 import pandas as pd
 from rich.console import Console
 
-from reports.sources import NoRunsFound, read_optuna, read_run_store, read_wandb
+from reports.sources import (
+    UNREADABLE,
+    NoRunsFound,
+    read_evaluations,
+    read_optuna,
+    read_run_store,
+    read_wandb,
+    with_evaluation_numbers,
+)
+from reports.stats import POWER
 from reports.tables import (
+    ALPHA,
+    CELL_NOTE,
+    EFFECT,
     TABLE1,
     TABLE2,
+    DuplicateRunsError,
     Layout,
     MixedCellError,
     ablation_table,
     add_derived_columns,
     generic_table,
+    grid_tables,
+    load_grid_spec,
     paper_reference,
     presentable,
+    presentable_cells,
+    presentable_comparisons,
+    provenance_lines,
+    resolve_duplicates,
+    table_note,
     to_markdown,
+    usable_runs,
     write_table,
 )
 
-NOTES = {
-    "table1": "mIoU in % over seeds (mean ± sample sd, n, 95% t-interval). Δ: paired by seed against the Dilated "
-              "FCN cell of the same backbone, with its 95% t-interval; p: exact one-sided sign-flip permutation test "
-              "over seeds, Holm-corrected across rows; P(>): probability of improvement, Mann-Whitney U / (n_A n_B).",
-    "table2": "mIoU in % over seeds (mean ± sample sd, n, 95% t-interval). Δ: paired by seed against the row with no "
-              "DA, multi-grid or multi-scale test; p: exact one-sided sign-flip test, Holm-corrected.",
-}
+GRIDS_DIR = Path(__file__).resolve().parent.parent / "ablations" / "grids"
+BASELINES = {"table1": ("no attention", "the DANet head with PAM and CAM off, same backbone"),
+             "table2": ("base", "the row with no DA, multi-grid or multi-scale test")}
+TABLE_NAMES = ("table1", "table2", "cells", "comparisons", "generic")
+# figure names; "bars" is the bar chart earlier versions drew, removed with the other stale files
+FIGURE_KINDS = ("intervals", "class_iou", "val_miou", "gamma", "bars")
 
 
 def load_runs(args: argparse.Namespace) -> tuple[pd.DataFrame, str]:
@@ -59,15 +87,39 @@ def layout_applies(runs: pd.DataFrame, layout: Layout) -> bool:
     return bool(varying) and any(runs[column].nunique() > 1 for column in varying)
 
 
-def make_figures(runs: pd.DataFrame, table: pd.DataFrame, layout: Layout, out: Path, where: str) -> list[Path]:
+def our_outputs(out: Path, suffix: str) -> list[Path]:
+    """Every file this command may write into `out` for this suffix."""
+    names = [f"runs{suffix}.csv", f"not_complete{suffix}.csv"]
+    names += [f"{table}{suffix}.{ext}" for table in TABLE_NAMES for ext in ("md", "tex", "csv")]
+    names += [f"{table}{suffix}_{kind}.{ext}" for table in TABLE_NAMES for kind in FIGURE_KINDS for ext in ("png", "pdf")]
+    return [out / name for name in names]
+
+
+def palette_for(cells: list[str]) -> dict[str, tuple]:
+    """One colour per cell across every figure of a report."""
+    import seaborn as sns
+
+    return dict(zip(cells, sns.color_palette("tab10", max(len(cells), 1))))
+
+
+def make_figures(runs: pd.DataFrame, table: pd.DataFrame, name: str, out: Path, where: str, metric: str,
+                 baseline: str | None, comparisons: pd.DataFrame | None = None) -> list[Path]:
+    """The figures of one table; runs carry a "cell" column naming their table row."""
     from reports import figures  # matplotlib is slow to import: only when figures are asked for
 
-    complete = runs[runs["status"] == "complete"]
-    written = figures.ablation_bars(table, layout, out, f"{layout.name}: val mIoU per cell ({where})")
-    written += figures.class_heatmap(complete, table, layout, out, f"{layout.name}: per-class IoU")
-    if "run_dir" in complete:  # curves need the metrics.jsonl of local records
-        written += figures.miou_curves(complete, layout, out, f"{layout.name}: validation mIoU during training")
-        written += figures.gamma_curves(complete, layout, out, f"{layout.name}: attention gammas during training")
+    runs = runs.assign(score=runs[metric] * 100)
+    palette = palette_for(table["cell"].tolist())
+    written = figures.point_intervals(table, runs, palette, out, f"{name}_intervals",
+                                      f"{name}: val mIoU per cell ({where})")
+    if comparisons is not None:
+        compared = name.replace("cells", "comparisons", 1)
+        written += figures.comparison_intervals(comparisons, runs, palette, out, f"{compared}_intervals",
+                                                f"{compared}: paired differences by seed ({where})")
+    written += figures.class_heatmap(runs, table["cell"].tolist(), baseline, out, f"{name}_class_iou",
+                                     f"{name}: per-class IoU")
+    if "run_dir" in runs:  # curves need the metrics.jsonl of local records
+        written += figures.miou_curves(runs, palette, out, f"{name}_val_miou", f"{name}: validation mIoU during training")
+        written += figures.gamma_curves(runs, palette, out, f"{name}_gamma", f"{name}: attention gammas during training")
     return written
 
 
@@ -83,12 +135,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("reports/out"), help="output folder (default: reports/out)")
     parser.add_argument("--metric", choices=["final_miou", "best_miou"], default="final_miou",
                         help="final_miou: the configured test protocol at the end (default); best_miou: best seen")
+    parser.add_argument("--split", help="numbers from the runs' evaluation records of this split "
+                                        "(default: each run's own final numbers)")
+    parser.add_argument("--protocol", metavar="NAME", help="numbers from the runs' evaluation records with this "
+                                                           "protocol, e.g. whole, slide, ms0.75-1-1.25-flip")
+    parser.add_argument("--duplicates", choices=["refuse", "newest"], default="refuse",
+                        help="two complete records of one cell and seed: refuse with exit 2 (default) or keep the "
+                             "newest and list the others in not_complete.csv")
+    parser.add_argument("--alpha", type=float, default=ALPHA, help="family-wise level of the tests (default 0.05)")
+    parser.add_argument("--power", type=float, default=POWER, help="power of the MDE and seeds columns (default 0.8)")
+    parser.add_argument("--effect", type=float, default=EFFECT,
+                        help="target effect in mIoU points of the seeds column (default 1.0)")
+    parser.add_argument("--grids-dir", type=Path, default=GRIDS_DIR, help="where grid YAMLs live (default: "
+                                                                          "ablations/grids)")
     parser.add_argument("--no-figures", action="store_true", help="tables only")
     parser.add_argument("--rows", help="generic table: comma-separated fields for rows")
     parser.add_argument("--cols", default="", help="generic table: comma-separated fields for columns")
     args = parser.parse_args(argv)
     if args.optuna_storage and not args.study:
         parser.error("--optuna-storage needs --study")
+    evaluated = bool(args.split or args.protocol)
+    if evaluated and args.metric != "final_miou":
+        parser.error("--split / --protocol take the evaluation's mIoU: --metric best_miou does not apply")
     console = Console(stderr=True)
     try:
         runs, where = load_runs(args)
@@ -96,33 +164,102 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: {error}", file=sys.stderr)
         return 2
 
+    suffix = "".join(f"-{part}" for part in (args.split, args.protocol) if part)
+    stale = [path for path in our_outputs(args.out, suffix) if path.exists()]
+    for path in stale:  # written by an earlier call: never left beside this call's runs.csv
+        path.unlink()
+    left_out = [runs.loc[runs["status"] != "complete", ["run_id", "status", "reason"]]]
+    numbers = f"each run's {args.metric} from its summary.json"
+    table_runs = runs
+    if evaluated:
+        evaluations, unreadable = read_evaluations(runs)
+        for line in unreadable:
+            print(f"{parser.prog}: warning: {line}", file=sys.stderr)
+        table_runs, missing, numbers = with_evaluation_numbers(runs, evaluations, args.split, args.protocol)
+        left_out.append(missing)
+    usable, unusable = usable_runs(table_runs, args.metric)
+    left_out.append(unusable)
     args.out.mkdir(parents=True, exist_ok=True)
-    runs.to_csv(args.out / "runs.csv", index=False)
-    not_complete = runs[runs["status"] != "complete"]
-    not_complete[["run_id", "status", "reason"]].to_csv(args.out / "not_complete.csv", index=False)
-    written = [args.out / "runs.csv", args.out / "not_complete.csv"]
+    written = [args.out / f"runs{suffix}.csv", args.out / f"not_complete{suffix}.csv"]
+    (table_runs if evaluated else runs).to_csv(written[0], index=False)
+
+    def write_not_complete(extra: list[pd.DataFrame]) -> pd.DataFrame:
+        frame = pd.concat([frame for frame in left_out + extra if not frame.empty] or [left_out[0]], ignore_index=True)
+        frame.to_csv(written[1], index=False)
+        return frame
+
     try:
-        for layout, baseline_name in ((TABLE1, "FCN"), (TABLE2, "base")):
-            if layout_applies(runs, layout):
-                table = ablation_table(runs, layout, args.metric)
-                dataset, _, _ = paper_reference(layout)
-                written += write_table(table, presentable(table, layout, baseline_name, dataset), args.out,
-                                       layout.name, NOTES[layout.name])
-                console.print(to_markdown(presentable(table, layout, baseline_name, dataset)))
-                if not args.no_figures:
-                    written += make_figures(runs, table, layout, args.out, where)
-        if args.rows:
-            rows, cols = args.rows.split(","), [column for column in args.cols.split(",") if column]
-            pivot = generic_table(runs, rows, cols, args.metric)
-            pivot.columns = [f"{'/'.join(cols)}={value}" for value in pivot.columns] if cols else ["mIoU (%)"]
-            (args.out / "generic.md").write_text(to_markdown(pivot.reset_index()))
-            pivot.to_csv(args.out / "generic.csv")
-            written += [args.out / "generic.md", args.out / "generic.csv"]
-    except (MixedCellError, KeyError) as error:
+        usable, duplicates = resolve_duplicates(usable, keep_newest=args.duplicates == "newest")
+    except DuplicateRunsError as error:
+        write_not_complete([])
         print(f"{parser.prog}: {error}", file=sys.stderr)
         return 2
-    console.print(f"{len(runs)} runs from {where} ({len(not_complete)} not complete, listed in not_complete.csv); "
-                  f"wrote {len(written)} files to {args.out}")
+    not_complete = write_not_complete([duplicates])
+    for _, row in not_complete.iterrows():  # failed and running runs are expected; these are not
+        if row["status"] in ("complete", UNREADABLE):
+            print(f"{parser.prog}: warning: {row['run_id']} ({row['status']}): {row['reason']}", file=sys.stderr)
+
+    statistics = {"alpha": args.alpha, "power": args.power, "effect": args.effect}
+    pending: list[tuple] = []  # (table, text, name, note, runs with their cell, baseline cell, comparisons)
+    try:
+        grids = sorted(set(usable.get("grid", pd.Series(dtype=str)).fillna("").astype(str)) - {""})
+        specs = {grid: load_grid_spec(args.grids_dir, grid) for grid in grids}
+        for grid, spec in specs.items():
+            if spec is None:
+                print(f"{parser.prog}: warning: grid {grid}: no {args.grids_dir / (grid + '.yaml')}; its records are "
+                      "tabulated by the table1/table2 layouts, without comparisons", file=sys.stderr)
+        compared = [spec for spec in specs.values() if spec is not None and spec.comparisons]
+        if len(compared) > 1:
+            raise MixedCellError(f"records of several grids with comparisons ({[spec.name for spec in compared]}): "
+                                 "report each from its own --runs-dir")
+        layout_runs = usable
+        if compared:
+            spec = compared[0]
+            grid_runs = usable[usable["grid"] == spec.name]
+            layout_runs = usable[usable["grid"] != spec.name]
+            cells, comparisons = grid_tables(grid_runs, spec, args.metric, **statistics)
+            lines = provenance_lines(grid_runs, numbers)
+            note_cells = f"{CELL_NOTE} Cells of grid {spec.name}, matched by their records' grid_cell. " + " ".join(lines)
+            baseline = comparisons["baseline"].mode().iloc[0] if not comparisons.empty else None
+            with_cell = grid_runs.assign(cell=grid_runs["grid_cell"])
+            pending.append((cells, presentable_cells(cells), "cells", note_cells, with_cell, baseline, comparisons))
+            note = table_note(comparisons, "the comparison's baseline cell", **statistics) + " " + " ".join(lines)
+            pending.append((comparisons, presentable_comparisons(comparisons, **statistics), "comparisons", note,
+                            None, None, None))
+        for layout in (TABLE1, TABLE2):
+            if not layout_runs.empty and layout_applies(layout_runs, layout):
+                table = ablation_table(layout_runs, layout, args.metric, **statistics)
+                dataset, _, _ = paper_reference(layout)
+                name, meaning = BASELINES[layout.name]
+                used = layout_runs[layout_runs["run_id"].isin(table["run_ids"].explode())]
+                note = CELL_NOTE + " " + table_note(table, f"{meaning} ('{name}')", **statistics) + " " + " ".join(
+                    provenance_lines(used, numbers))
+                cell_of = table[["cell", "run_ids"]].explode("run_ids").set_index("run_ids")["cell"]
+                pending.append((table, presentable(table, layout, name, dataset, **statistics), layout.name,
+                                note, used.assign(cell=used["run_id"].map(cell_of)), table["cell"].iloc[0], None))
+        generic = None
+        if args.rows:
+            rows, cols = args.rows.split(","), [column for column in args.cols.split(",") if column]
+            generic = generic_table(usable, rows, cols, args.metric)
+            generic.columns = [f"{'/'.join(cols)}={value}" for value in generic.columns] if cols else ["mIoU (%)"]
+    except (MixedCellError, DuplicateRunsError, KeyError) as error:
+        print(f"{parser.prog}: {error}", file=sys.stderr)
+        return 2
+
+    for table, text, name, note, table_runs_with_cell, baseline, comparisons in pending:
+        name += suffix
+        written += write_table(table, text, args.out, name, note)
+        console.print(to_markdown(text))
+        if not args.no_figures and table_runs_with_cell is not None:
+            written += make_figures(table_runs_with_cell, table, name, args.out, where, args.metric, baseline,
+                                    comparisons)
+    if generic is not None:
+        (args.out / f"generic{suffix}.md").write_text(to_markdown(generic.reset_index()))
+        generic.to_csv(args.out / f"generic{suffix}.csv")
+        written += [args.out / f"generic{suffix}.md", args.out / f"generic{suffix}.csv"]
+    removed = len([path for path in stale if not path.exists()])
+    console.print(f"{len(runs)} runs from {where} ({len(not_complete)} not used, listed in {written[1].name}); "
+                  f"wrote {len(written)} files to {args.out}" + (f", removed {removed} stale ones" if removed else ""))
     return 0
 
 

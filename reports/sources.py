@@ -1,5 +1,8 @@
 """Readers that turn logged runs into one tidy DataFrame: one row per run, config fields as
-columns (field names are unique across config sections), results, costs and status."""
+columns (field names are unique across config sections), results, costs and status.
+
+A run folder that cannot be read (no config.yaml, an unreadable summary.json) is not skipped: it
+becomes a row with status "unreadable" and the reason, so that the reports list it."""
 
 from __future__ import annotations
 
@@ -11,8 +14,15 @@ import pandas as pd
 import yaml
 
 RESULT_COLUMNS = ("status", "reason", "final_miou", "best_miou", "final_pixel_accuracy", "wall_time_s",
-                  "images_per_second", "peak_memory_mb", "iterations", "device", "cell_hash", "study", "trial")
+                  "images_per_second", "peak_memory_mb", "iterations", "device", "cell_hash", "study", "trial",
+                  "finished_at")
 IOU_PREFIX = "IoU/"
+UNREADABLE = "unreadable"
+# Config fields added after records were committed: a record without one ran with its default.
+# A missing design is not a default: those records were made before grids declared one.
+FIELD_DEFAULTS = {"head": "danet", "aux_branches": "attention", "deterministic": False, "grid": "", "grid_cell": "",
+                  "design": "not recorded"}
+MACHINE_NOT_RECORDED = "machine not recorded"
 
 
 class NoRunsFound(Exception):
@@ -20,33 +30,54 @@ class NoRunsFound(Exception):
 
 
 def flatten_config(config: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    row = {}
+    row = dict(FIELD_DEFAULTS)
     for values in config.values():
         for name, value in values.items():
             row[name] = tuple(value) if isinstance(value, list) else value
     return row
 
 
+def machine_label(summary: dict[str, Any]) -> tuple[str, str]:
+    """(kind, label) of the machine a run used: the GPU name on CUDA, else the CPU model."""
+    machine = summary.get("machine")
+    if not isinstance(machine, dict):
+        return MACHINE_NOT_RECORDED, MACHINE_NOT_RECORDED
+    kind = str(machine.get("kind") or "")
+    label = machine.get("gpu_name") if kind == "cuda" else machine.get("cpu_model")
+    return kind or MACHINE_NOT_RECORDED, str(label or f"{kind or 'unknown'} (model not recorded)")
+
+
 def record_row(config: dict[str, dict[str, Any]], summary: dict[str, Any], run_id: str) -> dict[str, Any]:
     row = {"run_id": run_id, **flatten_config(config)}
     row.update({column: summary.get(column) for column in RESULT_COLUMNS})
+    row["machine_kind"], row["machine"] = machine_label(summary)
     for name, value in (summary.get("per_class_iou") or {}).items():
         row[IOU_PREFIX + name] = value
     return row
 
 
-def read_record(run_dir: Path) -> dict[str, Any] | None:
-    """One run folder as a row, or None when it holds no complete pair of config and summary."""
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-        config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, json.JSONDecodeError, yaml.YAMLError):
-        return None  # a record being written, or not a record
-    return record_row(config, summary, run_dir.name) | {"run_dir": str(run_dir)}
+def _unreadable(run_dir: Path, reason: str) -> dict[str, Any]:
+    return {"run_id": run_dir.name, "status": UNREADABLE, "reason": reason, "run_dir": str(run_dir)}
 
 
-def _frame(rows: list[dict[str, Any] | None], where: str) -> pd.DataFrame:
-    rows = [row for row in rows if row is not None]
+def read_record(run_dir: Path) -> dict[str, Any]:
+    """One run folder as a row. The run store writes atomically, so a folder without a readable
+    config.yaml and summary.json is corrupt, not being written: it becomes an "unreadable" row."""
+    parts = {}
+    for name, parse in (("config.yaml", yaml.safe_load), ("summary.json", json.loads)):
+        path = run_dir / name
+        if not path.is_file():
+            return _unreadable(run_dir, f"no {name}")
+        try:
+            parts[name] = parse(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as error:
+            return _unreadable(run_dir, f"{name} unreadable ({type(error).__name__}: {str(error).splitlines()[0]})")
+        if not isinstance(parts[name], dict):
+            return _unreadable(run_dir, f"{name} unreadable (not a mapping)")
+    return record_row(parts["config.yaml"], parts["summary.json"], run_dir.name) | {"run_dir": str(run_dir)}
+
+
+def _frame(rows: list[dict[str, Any]], where: str) -> pd.DataFrame:
     if not rows:
         raise NoRunsFound(f"no runs found in {where}; make some with python ablations/run.py (one cell) or "
                           "python sweeps/optuna_study.py --grid NAME --study NAME (a grid)")
@@ -54,10 +85,32 @@ def _frame(rows: list[dict[str, Any] | None], where: str) -> pd.DataFrame:
 
 
 def read_run_store(runs_dir: str | Path) -> pd.DataFrame:
-    """Every run folder under runs_dir (folders holding summary.json and config.yaml)."""
+    """Every run folder under runs_dir (its subfolders, except hidden ones such as .locks)."""
     runs_dir = Path(runs_dir)
-    return _frame([read_record(path.parent) for path in sorted(runs_dir.glob("*/summary.json"))],
-                  f"{runs_dir.resolve()} (looked for */summary.json)")
+    folders = sorted(path for path in runs_dir.iterdir() if path.is_dir() and not path.name.startswith(".")) \
+        if runs_dir.is_dir() else []
+    return _frame([read_record(path) for path in folders], f"{runs_dir.resolve()} (looked for run folders)")
+
+
+def read_evaluations(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The evaluation records (RUN_DIR/evaluations/*.json) of local runs, one row each, and a
+    warning line for each file that cannot be read."""
+    rows, warnings = [], []
+    for run_dir in runs.get("run_dir", pd.Series(dtype=object)).dropna():
+        for path in sorted(Path(run_dir, "evaluations").glob("*.json")):
+            try:
+                record = json.loads(path.read_text())
+                row = {"run_dir": str(run_dir), "evaluation": f"{Path(run_dir).name}/evaluations/{path.name}",
+                       "split": record["split"], "protocol": record["protocol"],
+                       "protocol_settings": record.get("protocol_settings") or {},
+                       "checkpoint": str(record.get("checkpoint")), "created_at": record.get("created_at"),
+                       "miou": record.get("miou"), "pixel_accuracy": record.get("pixel_accuracy"),
+                       "per_class_iou": record.get("per_class_iou") or {}}
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+                warnings.append(f"evaluation record {path} unreadable ({type(error).__name__}: {error})")
+                continue
+            rows.append(row)
+    return pd.DataFrame(rows), warnings
 
 
 def read_metrics(run_dir: str | Path) -> pd.DataFrame:
@@ -74,7 +127,7 @@ def read_wandb(path: str, sweep: str | None = None, api=None) -> pd.DataFrame:
 
         api = wandb.Api()
     runs = api.sweep(f"{path}/{sweep}").runs if sweep else api.runs(path, per_page=200)
-    rows: list[dict[str, Any] | None] = []
+    rows: list[dict[str, Any]] = []
     for run in runs:
         config = {key: value for key, value in dict(run.config).items() if isinstance(value, dict)}
         summary = dict(run.summary)
@@ -95,3 +148,56 @@ def read_optuna(storage: str, study_name: str) -> pd.DataFrame:
     study = optuna.load_study(study_name=study_name, storage=storage)
     run_dirs = sorted({trial.user_attrs["run_dir"] for trial in study.trials if "run_dir" in trial.user_attrs})
     return _frame([read_record(Path(run_dir)) for run_dir in run_dirs], f"Optuna study {study_name} at {storage}")
+
+
+OWN_PROTOCOL = "each run's own final protocol"
+VAL_SPLIT = "each run's val split"
+
+
+def _own_protocol(run: pd.Series) -> dict[str, Any]:
+    """The run's final-evaluation settings, as an evaluation record's protocol_settings."""
+    return {"eval_mode": run.get("eval_mode"), "eval_window": run.get("eval_window"),
+            "eval_stride": run.get("eval_stride"), "eval_scales": tuple(float(s) for s in run.get("eval_scales") or ()),
+            "eval_flip": bool(run.get("eval_flip"))}
+
+
+def _settings(evaluation: pd.Series) -> dict[str, Any]:
+    settings = dict(evaluation["protocol_settings"])
+    settings["eval_scales"] = tuple(float(s) for s in settings.get("eval_scales") or ())
+    settings["eval_flip"] = bool(settings.get("eval_flip"))
+    return {key: settings.get(key) for key in ("eval_mode", "eval_window", "eval_stride", "eval_scales", "eval_flip")}
+
+
+def with_evaluation_numbers(runs: pd.DataFrame, evaluations: pd.DataFrame, split: str | None,
+                            protocol: str | None) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """The complete runs with final_miou, final_pixel_accuracy and the per-class IoUs taken from
+    their evaluation record of `split` (default: the run's val split) and `protocol` (default: the
+    run's own final protocol), the last checkpoint preferred; the complete runs without such a
+    record (run_id, status, reason); and a label of the numbers for the table."""
+    complete = runs[runs["status"] == "complete"].copy()
+    complete[[column for column in complete if column.startswith(IOU_PREFIX)]] = float("nan")
+    chosen, missing, protocols = [], [], set()
+    for index, run in complete.iterrows():
+        run_split = split or run.get("val_split")
+        candidates = evaluations[(evaluations["run_dir"] == run.get("run_dir")) & (evaluations["split"] == run_split)] \
+            if not evaluations.empty else evaluations
+        if protocol:
+            candidates = candidates[candidates["protocol"] == protocol]
+        elif not candidates.empty:
+            candidates = candidates[[_settings(row) == _own_protocol(run) for _, row in candidates.iterrows()]]
+        if candidates.empty:
+            missing.append({"run_id": run["run_id"], "status": "complete",
+                            "reason": f"no evaluation record for split {run_split}, protocol "
+                                      f"{protocol or OWN_PROTOCOL}: left out of every statistic"})
+            continue
+        last = candidates[candidates["checkpoint"] == "last"]
+        evaluation = (last if not last.empty else candidates).sort_values("created_at").iloc[-1]
+        protocols.add(evaluation["protocol"])
+        complete.loc[index, ["final_miou", "final_pixel_accuracy", "score_source"]] = \
+            [evaluation["miou"], evaluation["pixel_accuracy"], evaluation["evaluation"]]
+        for name, value in evaluation["per_class_iou"].items():
+            complete.loc[index, IOU_PREFIX + name] = value
+        chosen.append(index)
+    label = (f"evaluation records on split {split or VAL_SPLIT}, protocol "
+             f"{protocol or OWN_PROTOCOL + ' (' + ', '.join(sorted(protocols)) + ')'}, last checkpoint where evaluated")
+    return complete.loc[chosen], pd.DataFrame(missing, columns=["run_id", "status", "reason"]), label

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import optimize
 from scipy import stats as scipy_stats
 
 CONFIDENCE = 0.95
@@ -57,19 +58,28 @@ EXACT_MAX_PAIRS = 16  # 2^16 sign patterns; beyond, a seeded Monte Carlo sample 
 MONTE_CARLO_PATTERNS = 100_000
 
 
-def sign_flip_p_value(differences: list[float] | np.ndarray) -> float:
-    """One-sided permutation p-value of mean(differences) > 0 over sign flips: exact over all 2^n
-    patterns up to 16 pairs (every ablation table), a Monte Carlo estimate beyond."""
-    differences = np.asarray(differences, dtype=float)
-    observed = differences.mean()
-    if len(differences) <= EXACT_MAX_PAIRS:
-        patterns = np.array(list(itertools.product((1.0, -1.0), repeat=len(differences))))
+def sign_flip_p_values(differences: np.ndarray) -> np.ndarray:
+    """One-sided permutation p-values of mean > 0 over sign flips, one per row of a (draws, n)
+    array of paired differences: exact over all 2^n patterns up to 16 pairs (every ablation
+    table), a seeded Monte Carlo sample of patterns beyond."""
+    differences = np.atleast_2d(np.asarray(differences, dtype=float))
+    n = differences.shape[1]
+    if n <= EXACT_MAX_PAIRS:
+        patterns = np.array(list(itertools.product((1.0, -1.0), repeat=n)))
     else:
-        rng = np.random.default_rng(0)
-        patterns = rng.choice((1.0, -1.0), size=(MONTE_CARLO_PATTERNS, len(differences)))
+        patterns = np.random.default_rng(0).choice((1.0, -1.0), size=(MONTE_CARLO_PATTERNS, n))
         patterns[0] = 1.0  # the observed pattern counts, so p is never 0
-    means = (patterns * differences).mean(axis=1)
-    return float(np.mean(means >= observed - 1e-12))
+    rows = max(1, 2**22 // len(patterns))  # chunks of draws keep the (draws, patterns) means small
+    p_values = []
+    for chunk in np.split(differences, range(rows, len(differences), rows)):
+        means = chunk @ patterns.T / n
+        p_values.append(np.mean(means >= chunk.mean(axis=1, keepdims=True) - 1e-12, axis=1))
+    return np.concatenate(p_values)
+
+
+def sign_flip_p_value(differences: list[float] | np.ndarray) -> float:
+    """The one-sided sign-flip p-value of one set of paired differences."""
+    return float(sign_flip_p_values(np.asarray(differences, dtype=float)[None, :])[0])
 
 
 def smallest_p_value(n: int) -> float:
@@ -92,3 +102,37 @@ def probability_of_improvement(treatment: list[float], baseline: list[float]) ->
     """P(A > B) = Mann-Whitney U / (n_A n_B), ties counting one half."""
     a, b = np.asarray(treatment, dtype=float)[:, None], np.asarray(baseline, dtype=float)[None, :]
     return float(((a > b) + 0.5 * (a == b)).mean())
+
+
+POWER = 0.8
+MAX_SEEDS = 1000
+
+
+def paired_t_power(effect: float, sd: float, n: int, alpha: float) -> float:
+    """Power of the one-sided paired t-test at level alpha with n pairs whose differences have
+    standard deviation sd, against a true mean difference `effect` (SWEEPS.md, "Power"):
+    1 - F_nct(t(1 - alpha, n - 1); n - 1, effect * sqrt(n) / sd)."""
+    critical = scipy_stats.t.ppf(1 - alpha, n - 1)
+    return float(scipy_stats.nct.sf(critical, n - 1, effect * math.sqrt(n) / sd))
+
+
+def minimum_detectable_effect(sd: float, n: int, alpha: float, power: float = POWER) -> float:
+    """The smallest true mean difference the one-sided paired t-test at level alpha detects with
+    the given power at n pairs; NaN when it cannot be computed (n < 2 or sd unknown)."""
+    if n < 2 or not math.isfinite(sd):
+        return math.nan
+    # the power grows with effect / sd: solve once for sd = 1 and scale
+    standardised = optimize.brentq(lambda effect: paired_t_power(effect, 1.0, n, alpha) - power, 1e-9, 1e3)
+    return float(standardised * sd)
+
+
+def seeds_needed(effect: float, sd: float, alpha: float, power: float = POWER) -> int | None:
+    """The smallest number of paired seeds at which both hold: the exact sign-flip test can reach
+    alpha at all (2^-n <= alpha) and the paired t-test at alpha has the power for `effect`.
+    None when sd is unknown or more than MAX_SEEDS would be needed."""
+    if not math.isfinite(sd) or effect <= 0:
+        return None
+    for n in range(2, MAX_SEEDS + 1):
+        if smallest_p_value(n) <= alpha and (sd == 0 or paired_t_power(effect, sd, n, alpha) >= power):
+            return n
+    return None

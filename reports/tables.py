@@ -1,5 +1,6 @@
 """Ablation tables: per cell mean, sd, n and 95% t-interval over seeds, the paired delta against
-the baseline cell, the paper's number beside it, and costs. Written as Markdown, LaTeX, CSV."""
+the baseline cell with its test and power, the paper's number beside it, and costs. Written as
+Markdown, LaTeX (pdflatex-safe) and CSV."""
 
 from __future__ import annotations
 
@@ -9,23 +10,42 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import yaml
 
-from reports.stats import holm, paired_delta, probability_of_improvement, sign_flip_p_value, smallest_p_value, t_interval
+from reports.sources import IOU_PREFIX, MACHINE_NOT_RECORDED
+from reports.stats import (
+    POWER,
+    holm,
+    minimum_detectable_effect,
+    paired_delta,
+    probability_of_improvement,
+    seeds_needed,
+    sign_flip_p_value,
+    smallest_p_value,
+    t_interval,
+)
 
 PAPER_NUMBERS = Path(__file__).with_name("paper_numbers.yaml")
 # Settings that do not change a result (danet.config.NOT_IN_CELL plus tracking): never "mixed".
 NOT_SETTINGS = {"data_root", "workers", "device", "log_every", "checkpoint_every", "eval_batch_size", "runs_dir",
-                "run_name", "wandb", "wandb_project", "wandb_entity", "quiet", "study", "trial"}
+                "run_name", "wandb", "wandb_project", "wandb_entity", "quiet", "study", "trial",
+                "grid", "grid_cell", "design"}
 RESULT_FIELDS = {"run_id", "run_dir", "status", "reason", "final_miou", "best_miou", "final_pixel_accuracy",
-                 "wall_time_s", "images_per_second", "peak_memory_mb", "iterations", "device", "cell_hash"}
+                 "wall_time_s", "images_per_second", "peak_memory_mb", "iterations", "device", "cell_hash",
+                 "finished_at", "machine", "machine_kind", "score_source"}
 ALPHA = 0.05
+EFFECT = 1.0  # mIoU points: the target effect of seeds_needed
+DESIGN_NOT_FROM_GRID = ""
+DESIGN_NOT_RECORDED = "not recorded"
 
 
 class MixedCellError(ValueError):
     """A table cell would pool runs whose settings differ."""
+
+
+class DuplicateRunsError(ValueError):
+    """Two complete records of the same cell and seed."""
 
 
 @dataclass(frozen=True)
@@ -41,41 +61,98 @@ class Layout:
 
 TABLE1 = Layout("table1", ["backbone", "pam", "cam"], {"pam": False, "cam": False},
                 {"backbone": "BaseNet", "pam": "PAM", "cam": "CAM"},
-                variants={"cam_energy": "code", "pam_reduction": 8})
+                variants={"head": "danet", "cam_energy": "code", "pam_reduction": 8})
 TABLE2 = Layout("table2", ["backbone", "random_scale", "multi_grid", "multi_scale_test"],
                 {"random_scale": False, "multi_grid": False, "multi_scale_test": False},
                 {"backbone": "BaseNet", "random_scale": "DA", "multi_grid": "Multi-Grid", "multi_scale_test": "MS"})
+FCN_HEAD_LABEL = "Dilated FCN (FCN head)"
+NO_ATTENTION_LABEL = "DANet head, no attention"
 
 
 def add_derived_columns(runs: pd.DataFrame) -> pd.DataFrame:
     runs = runs.copy()
     if "eval_scales" in runs and "eval_flip" in runs:
-        runs["multi_scale_test"] = [len(scales) > 1 or bool(flip) for scales, flip in
-                                    zip(runs["eval_scales"], runs["eval_flip"])]
+        runs["multi_scale_test"] = [isinstance(scales, tuple) and len(scales) > 1 or flip is True
+                                    for scales, flip in zip(runs["eval_scales"], runs["eval_flip"])]
     return runs
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def usable_runs(runs: pd.DataFrame, metric: str = "final_miou") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The complete runs whose metric is a number, and the complete runs left out (run_id, status,
+    reason): a complete record with a missing, null or NaN metric must not count as a result."""
+    complete = runs[runs["status"] == "complete"]
+    values = complete[metric] if metric in complete else pd.Series(None, index=complete.index, dtype=object)
+    finite = values.map(_finite).astype(bool)
+    left_out = complete.loc[~finite, ["run_id", "status"]].assign(
+        reason=f"complete, but {metric} is missing, null or NaN: left out of every statistic")
+    usable = complete[finite].copy()
+    usable["seed"] = usable["seed"].astype(int)
+    return usable, left_out
+
+
+def resolve_duplicates(runs: pd.DataFrame, keep_newest: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Refuse (DuplicateRunsError naming the folders) or, with keep_newest, keep the newest of
+    several records of one cell (cell_hash) and seed; the others are returned with the reason."""
+    if "cell_hash" not in runs:
+        return runs, pd.DataFrame(columns=["run_id", "status", "reason"])
+    keyed = runs[runs["cell_hash"].notna()]
+    groups = [group for _, group in keyed.groupby(["cell_hash", "seed"]) if len(group) > 1]
+    if groups and not keep_newest:
+        group = groups[0]
+        folders = " and ".join(str(row.get("run_dir") or row["run_id"]) for _, row in group.iterrows())
+        more = f" ({len(groups) - 1} more cells and seeds have several records)" if len(groups) > 1 else ""
+        raise DuplicateRunsError(f"{folders} are complete records of the same cell (cell_hash "
+                                 f"{group['cell_hash'].iloc[0]}, seed {group['seed'].iloc[0]}){more}: remove one, or "
+                                 "pass --duplicates newest to keep the newest")
+    dropped = []
+    for group in groups:
+        order = group.sort_values("finished_at", na_position="first")
+        newest = order["run_id"].iloc[-1]
+        dropped += [{"run_id": run_id, "status": "complete",
+                     "reason": f"duplicate of {newest} (same cell_hash and seed): --duplicates newest kept that one"}
+                    for run_id in order["run_id"].iloc[:-1]]
+    dropped_frame = pd.DataFrame(dropped, columns=["run_id", "status", "reason"])
+    return runs[~runs["run_id"].isin(dropped_frame["run_id"])], dropped_frame
 
 
 def setting_columns(runs: pd.DataFrame) -> list[str]:
     return [column for column in runs.columns if column not in RESULT_FIELDS | NOT_SETTINGS
-            and not column.startswith("IoU/")]
+            and not column.startswith(IOU_PREFIX)]
 
 
-def check_not_mixed(runs: pd.DataFrame, rows: list[str]) -> None:
+def design_of(runs: pd.DataFrame) -> str:
+    """The design the records declare; refuses records of two different declared designs."""
+    designs = set(runs.get("design", pd.Series([DESIGN_NOT_RECORDED])).fillna(DESIGN_NOT_RECORDED).astype(str))
+    declared = designs - {DESIGN_NOT_RECORDED, DESIGN_NOT_FROM_GRID}
+    if len(declared) > 1:
+        raise MixedCellError(f"the table would pool records of the designs {sorted(declared)}: report each grid "
+                             "from its own --runs-dir")
+    return declared.pop() if declared else sorted(designs)[0]
+
+
+def check_not_mixed(runs: pd.DataFrame, rows: list[str], design: str = DESIGN_NOT_RECORDED,
+                    cell_names: dict[tuple, str] | None = None) -> None:
     """Refuse a cell whose runs differ in anything but the seed, naming the differing fields."""
     others = [column for column in setting_columns(runs) if column not in rows and column != "seed"]
     for key, group in runs.groupby(rows, dropna=False):
         differing = [column for column in others if group[column].astype(str).nunique() > 1]
         if differing:
-            raise MixedCellError(f"cell {dict(zip(rows, np.atleast_1d(key)))} mixes runs that differ in "
-                                 f"{differing}: select runs (--runs-dir) or add these fields to the rows")
+            key = key if isinstance(key, tuple) else (key,)
+            name = (cell_names or {}).get(key) or str(dict(zip(rows, key)))
+            raise MixedCellError(f"cell {name} (design: {design or 'runs not from a grid'}) mixes runs that differ "
+                                 f"in {differing}: select runs (--runs-dir) or add these fields to the rows")
 
 
 def paper_reference(layout: Layout) -> tuple[str | None, list[str], dict[tuple, float]]:
-    """The paper's dataset, the row fields its numbers are keyed by, and the numbers."""
+    """The paper's dataset, the fields its numbers are keyed by, and the numbers."""
     section = yaml.safe_load(PAPER_NUMBERS.read_text()).get(layout.name)
     if not section:
         return None, [], {}
-    columns = [column for column in layout.rows if column in section["rows"][0]]
+    columns = [column for column in section["rows"][0] if column != "miou"]
     return section["dataset"], columns, {tuple(row[c] for c in columns): row["miou"] for row in section["rows"]}
 
 
@@ -83,31 +160,96 @@ def _paired_statistics(by_seed: dict[int, float], baseline_by_seed: dict[int, fl
     """Paired delta by seed with its t-interval, sign-flip p, smallest reachable p and P(A > B)."""
     delta = paired_delta(by_seed, baseline_by_seed)
     differences = [by_seed[s] - baseline_by_seed[s] for s in delta.seeds]
-    statistics = {"delta": delta.interval.mean, "delta_low": delta.interval.low, "delta_high": delta.interval.high,
-                  "delta_n": delta.interval.n, "delta_includes_zero": delta.interval.includes_zero,
-                  "unpaired_seeds": delta.unpaired,
+    statistics = {"delta": delta.interval.mean, "delta_sd": delta.interval.sd, "delta_low": delta.interval.low,
+                  "delta_high": delta.interval.high, "delta_n": delta.interval.n,
+                  "delta_includes_zero": delta.interval.includes_zero, "unpaired_seeds": delta.unpaired,
                   "p_value": sign_flip_p_value(differences) if differences else math.nan,
                   "p_min": smallest_p_value(len(differences)) if differences else math.nan,
                   "p_improvement": probability_of_improvement(list(by_seed.values()), list(baseline_by_seed.values()))}
     return {prefix + name: value for name, value in statistics.items()}
 
 
-def ablation_table(runs: pd.DataFrame, layout: Layout, metric: str = "final_miou") -> pd.DataFrame:
-    """One row per cell of the layout over the complete runs (others are not averaged in).
+def add_tests(table: pd.DataFrame, alpha: float = ALPHA, power: float = POWER, effect: float = EFFECT) -> pd.DataFrame:
+    """Holm across the tested rows (those whose n pairs let the exact test reach alpha: 2^-n <= alpha)
+    and, for every row with a paired delta, the power columns at one-sided alpha/k, k the number of
+    tested rows (all delta rows when none is tested: the family a larger run would test):
+    mde (80%-power effect of the paired t-test at the row's n and sd), seeds_needed for `effect`,
+    and whether the exact test can reach alpha/k at the row's n at all."""
+    table = table.copy()
+    for column in ("p_holm", "holm_k", "alpha_per_row", "mde", "seeds_needed", "significance_possible"):
+        table[column] = math.nan if column != "significance_possible" else None
+    if "p_min" not in table:
+        return table
+    has_delta = table["p_min"].notna()
+    tested = table.index[has_delta & (table["p_min"] <= alpha)]
+    if len(tested):
+        table.loc[tested, "p_holm"] = holm(table.loc[tested, "p_value"].tolist())
+    k = len(tested) or int(has_delta.sum())
+    for index in table.index[has_delta]:
+        n, sd = int(table.at[index, "delta_n"]), float(table.at[index, "delta_sd"])
+        table.at[index, "holm_k"] = k
+        table.at[index, "alpha_per_row"] = alpha / k
+        table.at[index, "mde"] = minimum_detectable_effect(sd, n, alpha / k, power)
+        table.at[index, "seeds_needed"] = seeds_needed(effect, sd, alpha / k, power) or math.nan
+        table.at[index, "significance_possible"] = smallest_p_value(n) <= alpha / k
+    table["seeds_needed"] = table["seeds_needed"].astype("Int64")
+    return table
+
+
+def cell_label(row: pd.Series | dict, layout: Layout) -> str:
+    """A cell's name in tables and figures: 'DANet head, no attention', 'Dilated FCN (FCN head)',
+    'PAM', 'CAM', 'PAM+CAM' (+ the other row fields that are on, + variant fields that differ from
+    their standard value)."""
+    parts = [name.upper() for name in ("pam", "cam") if row.get(name)]
+    if parts:
+        label = "+".join(parts)
+    elif "pam" in row:
+        label = FCN_HEAD_LABEL if row.get("head") == "fcn" else NO_ATTENTION_LABEL
+    else:
+        label = "base"
+    extras = [f"{name}={row[name]}" for name in layout.rows if name not in ("pam", "cam", "backbone")
+              and row.get(name)]
+    extras += [f"{name}={row[name]}" for name, standard in layout.variants.items()
+               if name in row and row[name] != standard and not (name == "head" and "pam" in row)]
+    return " ".join([label, *extras])
+
+
+def _cell_record(values: dict[str, Any], group: pd.DataFrame, by_seed: dict[int, float]) -> dict[str, Any]:
+    cell = t_interval(list(by_seed.values()))
+    return {**values, "n": cell.n, "mean": cell.mean, "sd": cell.sd, "ci_low": cell.low, "ci_high": cell.high,
+            "seeds": sorted(by_seed), "run_ids": sorted(group["run_id"]), "minutes": group["wall_time_s"].mean() / 60,
+            "images_per_s": group["images_per_second"].mean(), "peak_memory_mb": group["peak_memory_mb"].mean()}
+
+
+def _by_seed(group: pd.DataFrame, metric: str, cell: str) -> dict[int, float]:
+    repeated = group.loc[group["seed"].duplicated(keep=False), "run_id"].tolist()
+    if repeated:
+        raise DuplicateRunsError(f"cell {cell} has several complete records of one seed: {repeated}; remove one, "
+                                 "or pass --duplicates newest to keep the newest")
+    return dict(zip(group["seed"].astype(int), group[metric] * 100))
+
+
+def ablation_table(runs: pd.DataFrame, layout: Layout, metric: str = "final_miou", alpha: float = ALPHA,
+                   power: float = POWER, effect: float = EFFECT) -> pd.DataFrame:
+    """One row per cell of the layout over the usable complete runs (others are not averaged in).
 
     Variant fields of the layout that take several values become part of the row key: such a row is
     compared with the baseline (delta, p_value, ...) and with its standard row (standard_delta, ...)."""
-    complete = add_derived_columns(runs[runs["status"] == "complete"])
+    complete, _ = usable_runs(add_derived_columns(runs), metric)
     if complete.empty:
         raise MixedCellError("no complete runs to tabulate")
+    design = design_of(complete)
     varying = [field for field in layout.variants if field in complete and complete[field].astype(str).nunique() > 1]
     rows = [column for column in layout.rows if column in complete.columns] + varying
-    check_not_mixed(complete, rows)
+    check_not_mixed(complete, rows, design)
     paper_dataset, paper_columns, paper = paper_reference(layout)
     paper_backbones = sorted({key[paper_columns.index("backbone")] for key in paper}, key=lambda name: (len(name), name)) \
         if "backbone" in paper_columns else []  # resnet50 before resnet101
     groups = {key if isinstance(key, tuple) else (key,): group for key, group in complete.groupby(rows)}
-    by_seed_of = {key: dict(zip(group["seed"], group[metric] * 100)) for key, group in groups.items()}
+    several_backbones = "backbone" in rows and complete["backbone"].nunique() > 1
+    label_of = {key: cell_label(dict(zip(rows, key)), layout) + (f" ({dict(zip(rows, key))['backbone']})"
+                                                                 if several_backbones else "") for key in groups}
+    by_seed_of = {key: _by_seed(group, metric, label_of[key]) for key, group in groups.items()}
 
     def standard(values: dict[str, Any], **fixed: Any) -> tuple:
         return tuple(fixed.get(column, layout.variants.get(column, value)) for column, value in values.items())
@@ -117,41 +259,105 @@ def ablation_table(runs: pd.DataFrame, layout: Layout, metric: str = "final_miou
         values = dict(zip(rows, key))
         by_seed = by_seed_of[key]
         variant = ", ".join(f"{field}={values[field]}" for field in varying if values[field] != layout.variants[field])
-        cell = t_interval(list(by_seed.values()))
-        record = {**values, "variant": variant, "n": cell.n, "mean": cell.mean, "sd": cell.sd, "ci_low": cell.low,
-                  "ci_high": cell.high, "seeds": sorted(by_seed), "minutes": group["wall_time_s"].mean() / 60,
-                  "images_per_s": group["images_per_second"].mean(), "peak_memory_mb": group["peak_memory_mb"].mean()}
+        record = {**_cell_record(values, group, by_seed), "variant": variant, "cell": label_of[key]}
         baseline_key = standard(values, **layout.baseline)
         if baseline_key in groups and baseline_key != key:
-            record |= _paired_statistics(by_seed, by_seed_of[baseline_key])
-        if variant and standard(values) in groups:
+            record |= {"baseline": label_of[baseline_key], **_paired_statistics(by_seed, by_seed_of[baseline_key])}
+        if variant and standard(values) in groups and standard(values) != baseline_key:
             record |= _paired_statistics(by_seed, by_seed_of[standard(values)], prefix="standard_")
-        # the paper's numbers, per backbone it reports, for the standard rows only
+        # the paper's numbers, only where the paper has the row's configuration (its head included)
+        off_paper = any(values[field] != layout.variants[field] for field in varying if field not in paper_columns)
+        lookup = {column: values[column] if column in values else group.iloc[0].get(column) for column in paper_columns}
         for backbone in paper_backbones:
-            paper_key = tuple(backbone if c == "backbone" else values.get(c) for c in paper_columns)
-            record[f"paper_{backbone}"] = None if variant else paper.get(paper_key)
-        reference = None if variant else paper.get(tuple(values.get(c) for c in paper_columns))
+            paper_key = tuple(backbone if c == "backbone" else lookup[c] for c in paper_columns)
+            record[f"paper_{backbone}"] = None if off_paper else paper.get(paper_key)
+        reference = None if off_paper else paper.get(tuple(lookup.values()))
         record["paper"] = reference
         same_data = paper_dataset is not None and set(group["dataset"]) == {paper_dataset}
-        record["ours_minus_paper"] = cell.mean - reference if reference is not None and same_data else None
+        record["ours_minus_paper"] = record["mean"] - reference if reference is not None and same_data else None
         records.append(record)
     # the paper's order: baseline first, then by how many parts are switched on (PAM before CAM), variants last
     records.sort(key=lambda r: (sum(r[c] != v for c, v in layout.baseline.items() if c in r), bool(r["variant"]),
                                 tuple(r[c] == v for c, v in layout.baseline.items() if c in r),
                                 tuple(str(r[c]) for c in rows)))
-    table = pd.DataFrame(records)
-    testable = table.index[table.get("p_min", pd.Series(dtype=float)).fillna(1.0) <= ALPHA] \
-        if "p_min" in table else []
-    table["p_holm"] = math.nan
-    if len(testable):
-        table.loc[testable, "p_holm"] = holm(table.loc[testable, "p_value"].tolist())
-    return table
+    return add_tests(pd.DataFrame(records), alpha, power, effect)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    name: str
+    treatment: str  # grid cell names
+    baseline: str
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """What make_tables needs of a grid YAML: its design, its cells' switches, its comparisons."""
+    name: str
+    design: str
+    cells: dict[str, dict[str, Any]]
+    comparisons: list[Comparison]
+
+    @property
+    def switches(self) -> set[str]:
+        """The fields the grid's cells set: the switches under study (the seed is an axis)."""
+        return {field for values in self.cells.values() for field in values} - {"seed"}
+
+
+def load_grid_spec(grids_dir: Path, name: str) -> GridSpec | None:
+    """ablations/grids/<name>.yaml read as plain YAML; None when the file is missing."""
+    path = Path(grids_dir) / f"{name}.yaml"
+    if not path.is_file():
+        return None
+    grid = yaml.safe_load(path.read_text()) or {}
+    cells = dict(grid.get("cells") or {})
+    for block in grid.get("blocks") or []:
+        cells.update(block.get("cells") or {})
+    comparisons = [Comparison(str(item["name"]), str(item["treatment"]), str(item["baseline"]))
+                   for item in grid.get("comparisons") or []]
+    return GridSpec(name, str(grid.get("design", DESIGN_NOT_RECORDED)), {key: dict(value or {}) for key, value in
+                                                                        cells.items()}, comparisons)
+
+
+def grid_tables(runs: pd.DataFrame, spec: GridSpec, metric: str = "final_miou", alpha: float = ALPHA,
+                power: float = POWER, effect: float = EFFECT) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The per-cell table and the comparisons table of a grid that declares comparisons. Records
+    are matched to cells by tracking.grid_cell. A controlled grid's cells may differ only in the
+    switches the grid studies (and the seed)."""
+    complete, _ = usable_runs(runs[runs["grid_cell"].astype(str) != ""], metric)
+    if complete.empty:
+        raise MixedCellError(f"no complete runs of grid {spec.name} to tabulate")
+    design = design_of(complete)
+    check_not_mixed(complete, ["grid_cell"], design, {(name,): name for name in complete["grid_cell"]})
+    if design == "controlled":
+        firsts = complete.groupby("grid_cell").first()
+        differing = [column for column in setting_columns(complete) if column not in spec.switches | {"seed"}
+                     and column in firsts and firsts[column].astype(str).nunique() > 1]
+        if differing:
+            raise MixedCellError(f"grid {spec.name} (design: controlled) has cells that differ in {differing}, "
+                                 f"which are not switches it studies ({sorted(spec.switches)})")
+    order = [name for name in spec.cells if name in set(complete["grid_cell"])]
+    order += sorted(set(complete["grid_cell"]) - set(order))
+    groups = {name: complete[complete["grid_cell"] == name] for name in order}
+    by_seed_of = {name: _by_seed(group, metric, name) for name, group in groups.items()}
+    switches = [field for field in SWITCH_LABELS if field in spec.switches and field in complete]
+    switches += sorted(spec.switches & set(complete.columns) - set(switches))
+    cells = pd.DataFrame([{"cell": name, **group.iloc[0][switches].to_dict(),
+                           **_cell_record({}, group, by_seed_of[name])} for name, group in groups.items()])
+    records = []
+    for comparison in spec.comparisons:
+        record = {"comparison": comparison.name, "treatment": comparison.treatment, "baseline": comparison.baseline}
+        if comparison.treatment in by_seed_of and comparison.baseline in by_seed_of:
+            record |= _paired_statistics(by_seed_of[comparison.treatment], by_seed_of[comparison.baseline])
+        records.append(record)
+    comparisons = add_tests(pd.DataFrame(records), alpha, power, effect)
+    return cells, comparisons
 
 
 def generic_table(runs: pd.DataFrame, rows: list[str], cols: list[str], metric: str = "final_miou") -> pd.DataFrame:
     """mean +- sd (n) of any config fields against any others."""
-    complete = add_derived_columns(runs[runs["status"] == "complete"])
-    check_not_mixed(complete, rows + cols)
+    complete, _ = usable_runs(add_derived_columns(runs), metric)
+    check_not_mixed(complete, rows + cols, design_of(complete))
 
     def summarise(values: pd.Series) -> str:
         cell = t_interval(values * 100)
@@ -161,19 +367,19 @@ def generic_table(runs: pd.DataFrame, rows: list[str], cols: list[str], metric: 
 
 
 def _number(value: Any, digits: int = 2) -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+    return "" if value is None or pd.isna(value) else f"{value:.{digits}f}"
 
 
 def _flag(value: Any) -> str:
     return "yes" if value is True else "" if value is False else str(value)
 
 
-def _p_text(row: pd.Series) -> str:
-    if "p_min" not in row or pd.isna(row.get("p_min")):
+def _p_text(row: pd.Series, alpha: float, column: str = "p_holm") -> str:
+    if pd.isna(row.get("p_min")):
         return ""
-    if row["p_min"] > ALPHA:
+    if row["p_min"] > alpha:
         return f"too few seeds (n={int(row['delta_n'])})"
-    return _number(row["p_holm"], 3)
+    return _number(row[column], 3)
 
 
 def _delta_text(row: pd.Series, prefix: str = "") -> str:
@@ -187,25 +393,67 @@ def _delta_text(row: pd.Series, prefix: str = "") -> str:
                                                                 else "")
 
 
-def presentable(table: pd.DataFrame, layout: Layout, baseline_name: str, paper_dataset: str | None) -> pd.DataFrame:
-    """The table as text cells (mIoU in %), as the paper would print it plus our statistics."""
-    out = pd.DataFrame()
-    if layout is TABLE1:
-        out["Method"] = ["Dilated FCN" if not (row.pam or row.cam) else "DANet" for row in table.itertuples()]
-    for column in layout.rows:
-        if column in table:
-            out[layout.labels.get(column, column)] = [_flag(value) for value in table[column]]
-    if table["variant"].astype(bool).any():
-        out["Variant"] = table["variant"].tolist()
+def _rows(count: int) -> str:
+    return f"{count} row" if count == 1 else f"{count} rows"
+
+
+def _mde_text(row: pd.Series, alpha: float) -> str:
+    if pd.isna(row.get("p_min")):
+        return ""
+    if row["delta_n"] < 2:
+        return "sd unknown (n<2)"
+    if not row["significance_possible"]:
+        return f"cannot reach p < {alpha:g} after Holm with {_rows(int(row['holm_k']))} and {int(row['delta_n'])} seeds"
+    return _number(row["mde"])
+
+
+def _seeds_text(row: pd.Series) -> str:
+    if pd.isna(row.get("p_min")):
+        return ""
+    if row["delta_n"] < 2:
+        return "sd unknown (n<2)"
+    return "more than 1000" if pd.isna(row["seeds_needed"]) else str(int(row["seeds_needed"]))
+
+
+def _test_columns(table: pd.DataFrame, out: pd.DataFrame, baseline_name: str, alpha: float, power: float,
+                  effect: float) -> None:
+    rows = list(table.iterrows())
+    out[f"MDE ({power:.0%} power)"] = [_mde_text(row, alpha) for _, row in rows]
+    out[f"seeds for Δ = {effect:+g} ({power:.0%} power)"] = [_seeds_text(row) for _, row in rows]
+    out[f"P(> {baseline_name})"] = [_number(value) for value in table["p_improvement"]]
+
+
+def _cost_columns(table: pd.DataFrame, out: pd.DataFrame) -> None:
+    out["min / run"] = [_number(value, 1) for value in table["minutes"]]
+    out["images / s"] = [_number(value, 1) for value in table["images_per_s"]]
+    out["peak MiB"] = [_number(value, 0) for value in table["peak_memory_mb"]]
+
+
+def _cell_columns(table: pd.DataFrame, out: pd.DataFrame) -> None:
     out["mIoU (mean ± sd)"] = [f"{_number(m)} ± {_number(s)}" if not math.isnan(s) else _number(m)
                                for m, s in zip(table["mean"], table["sd"])]
     out["n"] = table["n"].astype(int)
     out["95% CI"] = [f"[{_number(lo)}, {_number(hi)}]" if not math.isnan(lo) else "" for lo, hi in
                      zip(table["ci_low"], table["ci_high"])]
+
+
+def presentable(table: pd.DataFrame, layout: Layout, baseline_name: str, paper_dataset: str | None,
+                alpha: float = ALPHA, power: float = POWER, effect: float = EFFECT) -> pd.DataFrame:
+    """The table as text cells (mIoU in %), as the paper would print it plus our statistics."""
+    out = pd.DataFrame()
+    if layout is TABLE1:
+        out["Method"] = [FCN_HEAD_LABEL if row.get("head") == "fcn" else NO_ATTENTION_LABEL
+                         if not (row["pam"] or row["cam"]) else "DANet" for _, row in table.iterrows()]
+    for column in layout.rows:
+        if column in table:
+            out[layout.labels.get(column, column)] = [_flag(value) for value in table[column]]
+    if table["variant"].astype(bool).any():
+        out["Variant"] = table["variant"].tolist()
+    _cell_columns(table, out)
     if "delta" in table:
         out[f"Δ vs {baseline_name} [95% CI]"] = [_delta_text(row) for _, row in table.iterrows()]
-        out["p (one-sided, Holm)"] = [_p_text(row) if not pd.isna(row["delta"]) else "" for _, row in table.iterrows()]
-        out[f"P(> {baseline_name})"] = [_number(value) for value in table["p_improvement"]]
+        out["p (one-sided, Holm)"] = [_p_text(row, alpha) for _, row in table.iterrows()]
+        _test_columns(table, out, baseline_name, alpha, power, effect)
     if "standard_delta" in table:
         out["Δ vs standard [95% CI]"] = [_delta_text(row, "standard_") for _, row in table.iterrows()]
     for column in (c for c in table if c.startswith("paper_")):
@@ -214,10 +462,76 @@ def presentable(table: pd.DataFrame, layout: Layout, baseline_name: str, paper_d
             [_number(value) for value in table[column]]
     if table["ours_minus_paper"].notna().any():
         out["ours − paper"] = [_number(value) for value in table["ours_minus_paper"]]
-    out["min / run"] = [_number(value, 1) for value in table["minutes"]]
-    out["images / s"] = [_number(value, 1) for value in table["images_per_s"]]
-    out["peak MiB"] = [_number(value, 0) for value in table["peak_memory_mb"]]
+    _cost_columns(table, out)
     return out
+
+
+SWITCH_LABELS = {"head": "Head", "pam": "PAM", "cam": "CAM", "aux": "Aux", "aux_branches": "Aux branches"}
+
+
+def presentable_cells(cells: pd.DataFrame) -> pd.DataFrame:
+    out = pd.DataFrame({"Cell": cells["cell"]})
+    for column in cells.columns[1:cells.columns.get_loc("n")]:
+        out[SWITCH_LABELS.get(column, column)] = [_flag(value) for value in cells[column]]
+    _cell_columns(cells, out)
+    _cost_columns(cells, out)
+    return out
+
+
+def presentable_comparisons(comparisons: pd.DataFrame, alpha: float = ALPHA, power: float = POWER,
+                            effect: float = EFFECT) -> pd.DataFrame:
+    out = pd.DataFrame({"Comparison": comparisons["comparison"],
+                        "treatment − baseline": comparisons["treatment"] + " − " + comparisons["baseline"]})
+    if "delta" not in comparisons:
+        out["Δ [95% CI]"] = "no complete runs of both cells"
+        return out
+    rows = list(comparisons.iterrows())
+    out["Δ [95% CI]"] = [_delta_text(row) or "no complete runs of both cells" for _, row in rows]
+    out["n pairs"] = [_number(value, 0) for value in comparisons["delta_n"]]
+    out["p (exact, one-sided)"] = [_p_text(row, alpha, "p_value") for _, row in rows]
+    out["p (Holm)"] = [_p_text(row, alpha) for _, row in rows]
+    _test_columns(comparisons, out, "baseline", alpha, power, effect)
+    return out
+
+
+CELL_NOTE = "mIoU in % over seeds (mean ± sample sd, n, 95% t-interval)."
+
+
+def table_note(table: pd.DataFrame, baseline: str, alpha: float, power: float, effect: float) -> str:
+    """What the statistics are, in the words a reader needs: the Holm family, the pairing, power."""
+    tested = int(table["p_holm"].notna().sum())
+    k = int(table["holm_k"].max()) if table["holm_k"].notna().any() else 0
+    return (f"Δ: against {baseline}, paired by seed: the "
+            f"mean and 95% t-interval of the differences over the seeds both cells have (n pairs, which may be fewer "
+            f"than either cell's n). p: exact one-sided sign-flip test of those differences; Holm's correction runs "
+            f"over the family of the {_rows(tested)} with a test (rows whose n pairs let the exact test reach "
+            f"p <= {alpha:g}, 2^-n <= {alpha:g}; rows marked 'too few seeds' are not in it). P(>): probability of "
+            f"improvement, Mann-Whitney U / (n_A n_B), over all seeds of both cells, paired or not. MDE: the "
+            f"smallest true Δ that the paired t-test at one-sided {alpha:g}/k, k = {k} (Holm's strictest step over the rows "
+            f"with a test, or over every Δ row when none has enough seeds for one), detects with "
+            f"{power:.0%} power at the row's n pairs and sd of differences (noncentral t; the exact test the table uses "
+            f"has less power at small n). Seeds for Δ = {effect:+g}: the smallest n at which that t-test has {power:.0%} "
+            f"power for Δ = {effect:+g} point and 2^-n <= {alpha:g}/k.")
+
+
+def provenance_lines(runs: pd.DataFrame, numbers: str) -> list[str]:
+    """Where the numbers come from, the design the records declare, and (when more than one) the
+    kinds of machine the runs came from."""
+    lines = [f"Numbers: {numbers}."]
+    designs = runs.get("design", pd.Series(DESIGN_NOT_RECORDED, index=runs.index)).fillna(DESIGN_NOT_RECORDED)
+    grids = sorted(set(runs.get("grid", pd.Series("", index=runs.index)).fillna("").astype(str)) - {""})
+    names = {DESIGN_NOT_RECORDED: "not recorded (records made before grids declared one)",
+             DESIGN_NOT_FROM_GRID: "none declared (runs not from a grid)"}
+    lines.append("Design: " + "; ".join(f"{names.get(design, design)} ({count} runs)"
+                                        for design, count in designs.value_counts().sort_index().items())
+                 + (f"; grid {', '.join(grids)}" if grids else "") + ".")
+    machines = runs.get("machine", pd.Series(MACHINE_NOT_RECORDED, index=runs.index)).fillna(MACHINE_NOT_RECORDED)
+    if machines.nunique() > 1:
+        lines.append("Runs from more than one kind of machine: " + "; ".join(
+            f"{machine} ({count} runs)" for machine, count in machines.value_counts().sort_index().items())
+            + ". A run repeats bit for bit only on the same hardware and software; elsewhere it is another draw "
+              "from the seed distribution.")
+    return lines
 
 
 def to_markdown(text_table: pd.DataFrame) -> str:
@@ -227,11 +541,32 @@ def to_markdown(text_table: pd.DataFrame) -> str:
     return "\n".join([header, rule, *lines]) + "\n"
 
 
+LATEX_SPECIALS = str.maketrans({
+    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
+    "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}", ">": r"\textgreater{}",
+    "|": r"\textbar{}",
+    # pdflatex has no glyphs for these in its default fonts: write them as math
+    "±": r"$\pm$", "Δ": r"$\Delta$", "−": r"$-$", "≤": r"$\leq$", "≥": r"$\geq$", "α": r"$\alpha$",
+    "×": r"$\times$"})
+
+
+def latex_escape(text: Any) -> str:
+    """Text for pdflatex: LaTeX specials escaped, the few non-ASCII signs we print as math."""
+    return str(text).translate(LATEX_SPECIALS)
+
+
+def to_latex(text_table: pd.DataFrame, caption: str, label: str) -> str:
+    """A booktabs table (\\usepackage{booktabs}) whose every cell, header and caption is escaped."""
+    escaped = text_table.map(latex_escape)
+    escaped.columns = [latex_escape(column) for column in text_table.columns]
+    return escaped.to_latex(index=False, escape=False, caption=latex_escape(caption), label=label)
+
+
 def write_table(table: pd.DataFrame, text_table: pd.DataFrame, out_dir: Path, name: str, note: str) -> list[Path]:
-    """name.md (with a note under it), name.tex (booktabs), name.csv (the unrounded numbers)."""
+    """name.md (with a note under it), name.tex (booktabs, the note as caption), name.csv (unrounded)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.md", out_dir / f"{name}.tex", out_dir / f"{name}.csv"]
     paths[0].write_text(to_markdown(text_table) + "\n" + note + "\n")
-    paths[1].write_text(text_table.to_latex(index=False, escape=True, caption=note, label=f"tab:{name}"))
+    paths[1].write_text(to_latex(text_table, note, f"tab:{name}"))
     table.to_csv(paths[2], index=False, float_format="%.6g")
     return paths

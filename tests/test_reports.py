@@ -145,7 +145,9 @@ def test_variant_rows_are_split_out_and_compared_with_their_standard_row(tmp_pat
     assert variant["standard_p_value"] == pytest.approx(sign_flip_p_value(list(differences)))
     assert math.isnan(table.iloc[1].get("standard_delta", math.nan))
     # ResNet-18 is not in the paper: its R50 and R101 numbers are context, for the standard rows only
-    assert table["paper_resnet50"].tolist()[:2] == [70.03, 76.34] and table["paper_resnet101"].iloc[1] == 77.57
+    # the paper's baseline is the FCN head: the DANet head with both modules off has no paper number
+    assert pd.isna(table["paper_resnet50"].iloc[0]) and table["paper_resnet50"].iloc[1] == 76.34
+    assert table["paper_resnet101"].iloc[1] == 77.57
     assert pd.isna(variant["paper_resnet50"]) and table["ours_minus_paper"].isna().all()
     text = presentable(table, TABLE1, "FCN", "cityscapes")
     assert text["Variant"].tolist() == ["", "", "cam_energy=paper"]
@@ -161,12 +163,12 @@ def test_the_command_writes_tables_and_lists_incomplete_runs(table1_runs, tmp_pa
     for name in ("table1.md", "table1.tex", "table1.csv", "runs.csv", "not_complete.csv", "generic.md"):
         assert (out / name).exists(), name
     markdown = (out / "table1.md").read_text()
-    assert "| Dilated FCN | resnet50 |" in markdown and "paper R50 (cityscapes)" in markdown
+    assert "| DANet head, no attention | resnet50 |" in markdown and "paper R50 (cityscapes)" in markdown
     assert "\\toprule" in (out / "table1.tex").read_text()
     csv = pd.read_csv(out / "table1.csv")
     assert csv["mean"].iloc[0] == pytest.approx(np.mean(CELLS[(False, False)]) * 100)
     assert pd.read_csv(out / "not_complete.csv")["run_id"].tolist() == ["crashed"]
-    for figure in ("table1_bars", "table1_val_miou", "table1_class_iou", "table1_gamma"):
+    for figure in ("table1_intervals", "table1_val_miou", "table1_class_iou", "table1_gamma"):
         for suffix in (".png", ".pdf"):
             assert (out / f"{figure}{suffix}").stat().st_size > 1000, figure
 
@@ -182,7 +184,8 @@ def test_no_runs_is_a_one_line_error_with_exit_2(tmp_path, capsys):
 def test_reports_leave_out_the_same_fields_as_the_cell_hash():
     not_in_cell = {name for names in NOT_IN_CELL.values() if names for name in names}
     tracking = {name for name in TrackingConfig.__dataclass_fields__}
-    assert NOT_SETTINGS == not_in_cell | tracking
+    # grid, grid_cell and design: tracking fields of the record contract that danet/config.py may not have yet
+    assert not_in_cell | tracking <= NOT_SETTINGS <= not_in_cell | tracking | {"grid", "grid_cell", "design"}
 
 
 def test_attention_figure_from_a_checkpoint(tmp_path):
@@ -196,10 +199,15 @@ def test_attention_figure_from_a_checkpoint(tmp_path):
     checkpoint = next(runs.glob("*/checkpoints/best.pt"))
     image = tmp_path / "image.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(image)
-    figure = attention_figure.attention_figure(checkpoint, image, [(3, 4), (20, 40)], [0, 5])
+    figure = attention_figure.attention_figure(checkpoint, image, [(3, 4), (20, 40)], [0, 5], why="the only run")
     titles = [axis.get_title() for axis in figure.axes if axis.get_title()]
     assert titles == ["image and query points", "PAM: attention of point 1", "PAM: attention of point 2",
                       "CAM: channel 0 response", "CAM: channel 5 response", "prediction"]
+    maps = {axis.get_title(): axis for axis in figure.axes if axis.get_title()[:3] in ("PAM", "CAM")}
+    assert all(axis.images[-1].colorbar is not None for axis in maps.values())  # a colour bar per map
+    pam_scales = {axis.images[-1].get_clim() for title, axis in maps.items() if title.startswith("PAM")}
+    assert len(pam_scales) == 1 and min(pam_scales)[0] == 0.0  # one shared scale across the PAM maps
+    assert ", seed 0 (the only run):" in figure._suptitle.get_text()
     out = tmp_path / "fig" / "attention.png"
     assert attention_figure.main([str(checkpoint), str(image), "--out", str(out)]) == 0
     assert out.stat().st_size > 1000 and out.with_suffix(".pdf").exists()

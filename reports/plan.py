@@ -1,0 +1,196 @@
+"""How many seeds each comparison needs, and what the grid would then cost, from pilot records.
+
+    python reports/plan.py --runs-dir results/camvid_cpu/runs --effect 1.0
+    python reports/plan.py --runs-dir DIR --cells PAM CAM PAM+CAM --budget-hours 10 --csv plan.csv
+
+The comparisons are those of make_tables: a grid's declared comparisons (records of a grid with
+`comparisons`) or each table1/table2 row against its baseline. For each, the pilot's paired
+differences give the sd; the seeds needed are the smallest n at which the one-sided paired t-test at
+alpha/k (Holm's strictest step over the k comparisons planned) has the power for the target effect
+and the exact sign-flip test can reach alpha/k at all (2^-n <= alpha/k). Every planned cell gets the
+same seeds, so that the comparisons stay paired; the cost is the records' measured minutes per run.
+With --budget-hours: the seeds per cell those hours of new runs buy, and the effect they detect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from reports.make_tables import GRIDS_DIR, layout_applies
+from reports.sources import NoRunsFound, read_run_store
+from reports.stats import MAX_SEEDS, POWER, minimum_detectable_effect, seeds_needed, smallest_p_value
+from reports.tables import (
+    ALPHA,
+    EFFECT,
+    TABLE1,
+    TABLE2,
+    DuplicateRunsError,
+    MixedCellError,
+    ablation_table,
+    grid_tables,
+    load_grid_spec,
+    resolve_duplicates,
+    usable_runs,
+)
+
+
+def pilot(runs: pd.DataFrame, metric: str = "final_miou", grids_dir: Path = GRIDS_DIR) -> tuple[pd.DataFrame,
+                                                                                                 pd.DataFrame]:
+    """The pilot's cells (cell, n, minutes, images_per_s) and comparisons (comparison, treatment,
+    baseline, delta_n, delta_sd), as make_tables would tabulate them."""
+    usable, _ = usable_runs(runs, metric)
+    usable, _ = resolve_duplicates(usable, keep_newest=False)
+    for grid in sorted(set(usable["grid"].fillna("").astype(str)) - {""}):
+        spec = load_grid_spec(grids_dir, grid)
+        if spec is not None and spec.comparisons:
+            cells, comparisons = grid_tables(usable[usable["grid"] == grid], spec, metric)
+            return cells, comparisons
+    layout = next((layout for layout in (TABLE1, TABLE2) if layout_applies(usable, layout)), None)
+    if layout is None:
+        raise MixedCellError("the records vary neither the table1 nor the table2 switches, and no grid of theirs "
+                             "declares comparisons: nothing to plan")
+    table = ablation_table(usable, layout, metric)
+    compared = table[table["delta"].notna()] if "delta" in table else table.iloc[0:0]
+    comparisons = pd.DataFrame({"comparison": compared["cell"] + " vs " + compared["baseline"],
+                                "treatment": compared["cell"], "baseline": compared["baseline"],
+                                "delta_n": compared["delta_n"], "delta_sd": compared["delta_sd"]})
+    return table[["cell", "n", "minutes", "images_per_s"]], comparisons.reset_index(drop=True)
+
+
+def seeds_affordable(cells: pd.DataFrame, hours: float) -> int:
+    """The most seeds per cell whose runs still to make fit in `hours` (every cell gets them)."""
+    n = int(cells["n"].max())
+    while n < MAX_SEEDS and cost_to_make(cells, n + 1)[1] <= hours:
+        n += 1
+    return n
+
+
+def cost_to_make(cells: pd.DataFrame, seeds: int) -> tuple[int, float]:
+    """Runs and hours still to make so that every cell has `seeds` seeds."""
+    missing = (seeds - cells["n"]).clip(lower=0)
+    return int(missing.sum()), float((missing * cells["minutes"]).sum() / 60)
+
+
+def plan(cells: pd.DataFrame, comparisons: pd.DataFrame, effect: float = EFFECT, alpha: float = ALPHA,
+         power: float = POWER, budget_hours: float | None = None) -> pd.DataFrame:
+    """One row per comparison: the seeds per cell it needs and what the planned cells cost at that
+    number (all of them, and the runs still to make); with a budget, what it buys."""
+    k = len(comparisons)
+    planned = cells[cells["cell"].isin(set(comparisons["treatment"]) | set(comparisons["baseline"]))]
+    budget_seeds = seeds_affordable(planned, budget_hours) if budget_hours is not None else None
+    rows = []
+    for _, comparison in comparisons.iterrows():
+        n, sd = int(comparison["delta_n"]), float(comparison["delta_sd"])
+        needed = seeds_needed(effect, sd, alpha / k, power) if n >= 2 else None
+        row = {"comparison": comparison["comparison"], "treatment": comparison["treatment"],
+               "baseline": comparison["baseline"], "pilot_pairs": n, "sd": sd if n >= 2 else math.nan, "k": k,
+               "alpha_per_row": alpha / k, "effect": effect, "power": power, "seeds_needed": needed,
+               "cells": len(planned)}
+        if needed is not None:
+            to_make, hours_to_make = cost_to_make(planned, needed)
+            row |= {"runs_total": needed * len(planned), "hours_total": needed * planned["minutes"].sum() / 60,
+                    "runs_to_make": to_make, "hours_to_make": hours_to_make}
+        if budget_seeds is not None:
+            row |= {"budget_hours": budget_hours, "budget_seeds": budget_seeds,
+                    "budget_mde": minimum_detectable_effect(sd, budget_seeds, alpha / k, power) if n >= 2 else math.nan,
+                    "budget_significance_possible": smallest_p_value(budget_seeds) <= alpha / k}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def describe(result: pd.DataFrame, cells: pd.DataFrame, machine: str) -> str:
+    """The plan in sentences."""
+    if result.empty:
+        return "no comparisons to plan"
+    first = result.iloc[0]
+    k, effect, power = int(first["k"]), first["effect"], first["power"]
+    planned = cells[cells["cell"].isin(set(result["treatment"]) | set(result["baseline"]))]
+    lines = [f"Planned: {k} comparisons over {len(planned)} cells ({'; '.join(planned['cell'])}); Holm over k = {k}: "
+             f"one-sided alpha/k = {first['alpha_per_row'] * k:g}/{k} = {first['alpha_per_row']:.4f} per comparison, "
+             f"{power:.0%} power, effect {effect:+g} point (paired t-test, noncentral t; the exact sign-flip test "
+             f"the tables use has somewhat less power at these n).",
+             f"Cost per run from the records: {machine}; "
+             + "; ".join(f"{row.cell} {row.minutes:.1f} min at {row.images_per_s:.1f} images/s"
+                         for row in planned.itertuples()) + "."]
+    for _, row in result.iterrows():
+        if row["pilot_pairs"] < 2:
+            lines.append(f"- {row['comparison']}: sd unknown (n<2 pilot pairs): run a second seed of both cells first.")
+        elif pd.isna(row["seeds_needed"]):
+            lines.append(f"- {row['comparison']}: more than {MAX_SEEDS} seeds (pilot sd {row['sd']:.2f} points).")
+        else:
+            lines.append(f"- to detect {effect:+g} point at {power:.0%} power: {row['comparison']} needs "
+                         f"{int(row['seeds_needed'])} seeds per cell (pilot: {row['pilot_pairs']} pairs, sd of "
+                         f"differences {row['sd']:.2f} points); the {len(planned)} cells at that many seeds are "
+                         f"{int(row['runs_total'])} runs, about {row['hours_total']:.1f} hours on the machine that "
+                         f"made these records; {int(row['runs_to_make'])} of them still to make "
+                         f"(about {row['hours_to_make']:.1f} hours).")
+    needed = result["seeds_needed"].dropna()
+    if len(needed) == len(result):
+        worst = result.loc[result["seeds_needed"].astype(float).idxmax()]
+        lines.append(f"All {k} comparisons: {int(worst['seeds_needed'])} seeds per cell, {int(worst['runs_total'])} "
+                     f"runs, about {worst['hours_total']:.1f} hours ({int(worst['runs_to_make'])} runs, "
+                     f"{worst['hours_to_make']:.1f} hours still to make).")
+    if "budget_seeds" in result:
+        seeds = int(first["budget_seeds"])
+        reach = "" if first["budget_significance_possible"] else \
+            f" (but with {seeds} seeds the exact test cannot reach p < {first['alpha_per_row'] * k:g} after Holm)"
+        lines.append(f"With {first['budget_hours']:g} more hours: {seeds} seeds per cell{reach}; the effect each "
+                     "comparison then detects at " + f"{power:.0%} power: "
+                     + "; ".join(f"{row.comparison} {row.budget_mde:.2f} points" if math.isfinite(row.budget_mde)
+                                 else f"{row.comparison} sd unknown" for row in result.itertuples()) + ".")
+    return "\n".join(lines)
+
+
+def machine_of(runs: pd.DataFrame) -> str:
+    complete = runs[runs["status"] == "complete"]
+    recorded = complete["machine"][complete["machine"] != "machine not recorded"] if "machine" in complete else []
+    labels = sorted(set(recorded) or set(complete.get("device", pd.Series(dtype=str)).dropna().astype(str)))
+    return " / ".join(labels) or "machine not recorded"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="reports/plan.py", description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs-dir", type=Path, required=True, help="pilot records (a RunStore folder)")
+    parser.add_argument("--effect", type=float, default=EFFECT, help="target effect in mIoU points (default 1.0)")
+    parser.add_argument("--cells", nargs="+", metavar="CELL",
+                        help="plan only the comparisons whose treatment is one of these cells (names as in the "
+                             "tables, e.g. PAM PAM+CAM, or grid cell names; default: all)")
+    parser.add_argument("--budget-hours", type=float, help="also: the effect that these hours of new runs can detect")
+    parser.add_argument("--csv", type=Path, help="write the plan as csv too")
+    parser.add_argument("--alpha", type=float, default=ALPHA, help="family-wise level (default 0.05)")
+    parser.add_argument("--power", type=float, default=POWER, help="target power (default 0.8)")
+    parser.add_argument("--metric", choices=["final_miou", "best_miou"], default="final_miou")
+    parser.add_argument("--grids-dir", type=Path, default=GRIDS_DIR, help="where grid YAMLs live")
+    args = parser.parse_args(argv)
+    try:
+        runs = read_run_store(args.runs_dir)
+        cells, comparisons = pilot(runs, args.metric, args.grids_dir)
+    except (NoRunsFound, MixedCellError, DuplicateRunsError) as error:
+        print(f"{parser.prog}: {error}", file=sys.stderr)
+        return 2
+    if args.cells:
+        wanted = {name.lower() for name in args.cells}
+        unknown = wanted - {name.lower() for name in comparisons["treatment"]}
+        if unknown:
+            print(f"{parser.prog}: no comparison has the treatment {sorted(unknown)}; cells compared: "
+                  f"{comparisons['treatment'].tolist()}", file=sys.stderr)
+            return 2
+        comparisons = comparisons[comparisons["treatment"].str.lower().isin(wanted)].reset_index(drop=True)
+    result = plan(cells, comparisons, args.effect, args.alpha, args.power, args.budget_hours)
+    print(f"Pilot: {args.runs_dir} ({int((runs['status'] == 'complete').sum())} complete runs)")
+    print(describe(result, cells, machine_of(runs)))
+    if args.csv:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        result.to_csv(args.csv, index=False, float_format="%.6g")
+        print(f"wrote {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

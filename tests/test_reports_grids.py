@@ -1,0 +1,207 @@
+"""The reports side of issue 14, on hand-made records of the record contract: controlled grids
+with declared comparisons, evaluation records (--split / --protocol), the two baselines labelled
+apart, the design and the machines under a table, and old records without the new fields."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from reports import make_tables
+from reports.sources import read_run_store
+from reports.stats import holm, sign_flip_p_value
+from tests.test_reports import _write_run
+
+CONTROLLED = {"design": "controlled", "preset": "camvid_cpu",
+              "blocks": [{"axes": {"seed": list(range(8))},
+                          "cells": {"danet-head": {"pam": False, "cam": False, "aux": False},
+                                    "danet-head-ds": {"pam": False, "cam": False, "aux": True, "aux_branches": "all"},
+                                    "pam-cam": {"pam": True, "cam": True, "aux": False},
+                                    "pam-cam-ds": {"pam": True, "cam": True, "aux": True, "aux_branches": "all"},
+                                    "fcn-head": {"head": "fcn", "pam": False, "cam": False, "aux": False}}}],
+              "comparisons": [
+                  {"name": "attention without deep supervision", "treatment": "pam-cam", "baseline": "danet-head"},
+                  {"name": "attention with deep supervision", "treatment": "pam-cam-ds", "baseline": "danet-head-ds"},
+                  {"name": "deep supervision without attention", "treatment": "danet-head-ds", "baseline": "danet-head"},
+                  {"name": "FCN head vs DANet head", "treatment": "fcn-head", "baseline": "danet-head"}]}
+MEANS = {"danet-head": 0.370, "danet-head-ds": 0.375, "pam-cam": 0.380, "pam-cam-ds": 0.376, "fcn-head": 0.360}
+SECTIONS = {"head": "model", "aux_branches": "model", "deterministic": "train", "grid": "tracking",
+            "grid_cell": "tracking", "design": "tracking"}
+
+
+def new_record(runs_dir, name, miou, seed, machine=None, **fields):
+    """A record with the fields of the new contract (config keys the installed danet may lack)."""
+    old = {key: value for key, value in fields.items() if key not in SECTIONS}
+    _write_run(runs_dir, name, miou, seed=seed, **old)
+    config = yaml.safe_load((runs_dir / name / "config.yaml").read_text())
+    for key, value in fields.items():
+        if key in SECTIONS:
+            config[SECTIONS[key]][key] = value
+    (runs_dir / name / "config.yaml").write_text(yaml.safe_dump(config))
+    summary = json.loads((runs_dir / name / "summary.json").read_text())
+    summary["machine"] = machine or {"kind": "cpu", "cpu_model": "Intel Xeon Platinum 8480+", "gpu_name": None,
+                                     "threads": 2, "deterministic": False}
+    (runs_dir / name / "summary.json").write_text(json.dumps(summary))
+
+
+def controlled_grid(tmp_path, seeds=8):
+    grids = tmp_path / "grids"
+    grids.mkdir()
+    (grids / "camvid_cpu_controlled.yaml").write_text(yaml.safe_dump(CONTROLLED, sort_keys=False))
+    runs = tmp_path / "runs"
+    rng = np.random.default_rng(0)
+    values = {}
+    for cell, switches in CONTROLLED["blocks"][0]["cells"].items():
+        values[cell] = MEANS[cell] + rng.normal(0, 0.004, seeds)
+        for seed in range(seeds):
+            new_record(runs, f"{cell}_s{seed}", float(values[cell][seed]), seed, grid="camvid_cpu_controlled",
+                       grid_cell=cell, design="controlled", **switches)
+    return runs, grids, values
+
+
+def test_a_controlled_grid_gets_a_cells_table_and_its_comparisons(tmp_path):
+    runs, grids, values = controlled_grid(tmp_path)
+    out = tmp_path / "out"
+    assert make_tables.main(["--runs-dir", str(runs), "--out", str(out), "--grids-dir", str(grids)]) == 0
+    for name in ("cells", "comparisons"):
+        for ext in ("md", "tex", "csv"):
+            assert (out / f"{name}.{ext}").exists(), name
+    for figure in ("cells_intervals", "comparisons_intervals", "cells_class_iou", "cells_val_miou"):
+        assert (out / f"{figure}.png").stat().st_size > 1000, figure
+    assert not (out / "table1.md").exists()  # the table1 layout would pool the aux and no-aux cells
+    cells = pd.read_csv(out / "cells.csv").set_index("cell")
+    assert list(cells.index) == list(MEANS)
+    assert cells.loc["pam-cam", "mean"] == pytest.approx(values["pam-cam"].mean() * 100, rel=1e-5)
+    assert cells.loc["fcn-head", "head"] == "fcn" and cells.loc["pam-cam-ds", "aux_branches"] == "all"
+    comparisons = pd.read_csv(out / "comparisons.csv").set_index("comparison")
+    differences = {name: (values[item["treatment"]] - values[item["baseline"]]) * 100
+                   for item in CONTROLLED["comparisons"] for name in [item["name"]]}
+    for name, difference in differences.items():
+        assert comparisons.loc[name, "delta"] == pytest.approx(difference.mean(), rel=1e-5)  # csv: 6 digits
+        assert comparisons.loc[name, "p_value"] == pytest.approx(sign_flip_p_value(difference), rel=1e-5)
+        assert comparisons.loc[name, "holm_k"] == 4 and comparisons.loc[name, "delta_n"] == 8
+    expected = holm([sign_flip_p_value(difference) for difference in differences.values()])
+    assert comparisons["p_holm"].tolist() == pytest.approx(expected, rel=1e-5)
+    markdown = (out / "comparisons.md").read_text()
+    assert markdown.split("\n\n")[1].startswith("Δ: against the comparison's baseline cell, paired by seed")
+    assert "| attention with deep supervision | pam-cam-ds − danet-head-ds |" in markdown
+    assert "Design: controlled (40 runs); grid camvid_cpu_controlled." in markdown
+    assert "more than one kind of machine" not in markdown
+    assert "| danet-head | danet |  |  |  | attention | " in (out / "cells.md").read_text()
+
+
+def test_six_seeds_cannot_reach_significance_over_four_comparisons(tmp_path):
+    runs, grids, _ = controlled_grid(tmp_path, seeds=6)
+    out = tmp_path / "out"
+    assert make_tables.main(["--runs-dir", str(runs), "--out", str(out), "--grids-dir", str(grids), "--no-figures"]) == 0
+    assert "cannot reach p < 0.05 after Holm with 4 rows and 6 seeds" in (out / "comparisons.md").read_text()
+
+
+def test_a_controlled_grid_refuses_cells_that_differ_in_more_than_its_switches(tmp_path, capsys):
+    runs, grids, _ = controlled_grid(tmp_path, seeds=2)
+    for seed in range(2):
+        config = yaml.safe_load((runs / f"pam-cam_s{seed}" / "config.yaml").read_text())
+        config["train"]["lr"] = 0.003
+        (runs / f"pam-cam_s{seed}" / "config.yaml").write_text(yaml.safe_dump(config))
+    assert make_tables.main(["--runs-dir", str(runs), "--out", str(tmp_path / "out"), "--grids-dir", str(grids)]) == 2
+    err = capsys.readouterr().err
+    assert "(design: controlled) has cells that differ in ['lr']" in err
+    config["train"]["lr"] = 0.02
+    (runs / "pam-cam_s1" / "config.yaml").write_text(yaml.safe_dump(config))  # now one cell mixes two lrs
+    assert make_tables.main(["--runs-dir", str(runs), "--out", str(tmp_path / "out"), "--grids-dir", str(grids)]) == 2
+    assert "cell pam-cam (design: controlled) mixes runs that differ in ['lr']" in capsys.readouterr().err
+
+
+def test_a_missing_grid_file_is_tolerated_with_a_warning(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for seed in range(3):
+        for pam in (False, True):
+            new_record(runs, f"{pam}_s{seed}", 0.37 + 0.01 * pam, seed, pam=pam, cam=False, grid="gone",
+                       grid_cell="pam" if pam else "base", design="as-released")
+    out = tmp_path / "out"
+    assert make_tables.main(["--runs-dir", str(runs), "--out", str(out), "--grids-dir", str(tmp_path), "--no-figures"]) == 0
+    assert "grid gone: no" in capsys.readouterr().err
+    assert "Design: as-released (6 runs); grid gone." in (out / "table1.md").read_text()
+
+
+def test_the_two_baselines_are_labelled_apart_and_the_paper_number_goes_to_the_fcn_head(tmp_path):
+    runs = tmp_path / "runs"
+    for seed in range(3):
+        new_record(runs, f"danet_s{seed}", 0.70 + 0.001 * seed, seed, pam=False, cam=False)
+        new_record(runs, f"fcn_s{seed}", 0.69 + 0.002 * seed, seed, pam=False, cam=False, head="fcn")
+        new_record(runs, f"pam_s{seed}", 0.74, seed, pam=True, cam=False)
+    out = tmp_path / "out"
+    assert make_tables.main(["--runs-dir", str(runs), "--out", str(out), "--no-figures"]) == 0
+    table = pd.read_csv(out / "table1.csv")
+    markdown = (out / "table1.md").read_text()
+    assert "| DANet head, no attention | resnet50 |" in markdown and "| Dilated FCN (FCN head) | resnet50 |" in markdown
+    fcn = table[table["head"] == "fcn"].iloc[0]
+    assert fcn["baseline"] == "DANet head, no attention" and fcn["delta"] == pytest.approx(-0.9)
+    no_attention = table[(table["head"] == "danet") & ~table["pam"]].iloc[0]
+    assert fcn["paper_resnet50"] == 70.03 and pd.isna(no_attention["paper_resnet50"])
+
+
+def test_runs_from_several_kinds_of_machine_are_said_under_the_table(tmp_path):
+    runs = tmp_path / "runs"
+    h200 = {"kind": "cuda", "cpu_model": "AMD EPYC", "gpu_name": "NVIDIA H200", "compute_capability": "9.0"}
+    for seed in range(2):
+        new_record(runs, f"base_s{seed}", 0.70, seed, pam=False, cam=False, machine=h200)
+        new_record(runs, f"pam_s{seed}", 0.72, seed, pam=True, cam=False)
+    _write_run(runs, "old_s2", 0.71, pam=True, cam=False, seed=2)  # made before records said their machine
+    out = tmp_path / "out"
+    assert make_tables.main(["--runs-dir", str(runs), "--out", str(out), "--no-figures"]) == 0
+    assert ("Runs from more than one kind of machine: Intel Xeon Platinum 8480+ (2 runs); NVIDIA H200 (2 runs); "
+            "machine not recorded (1 runs).") in (out / "table1.md").read_text()
+
+
+def test_old_records_read_with_the_defaults_of_the_new_fields(tmp_path):
+    _write_run(tmp_path / "runs", "old", 0.7, seed=0)
+    row = read_run_store(tmp_path / "runs").iloc[0]
+    assert (row["head"], row["aux_branches"], row["deterministic"], row["grid"], row["grid_cell"]) == \
+        ("danet", "attention", False, "", "")
+    assert row["design"] == "not recorded" and row["machine"] == "machine not recorded"
+
+
+def write_evaluation(run_dir, split, protocol, miou, settings, checkpoint="last"):
+    record = {"run_id": run_dir.name, "cell_hash": run_dir.name, "split": split, "protocol": protocol,
+              "protocol_settings": settings, "checkpoint": checkpoint, "checkpoint_iteration": 300, "miou": miou,
+              "pixel_accuracy": 0.8, "per_class_iou": {"road": miou}, "absent_classes": [], "images_per_second": 5.0,
+              "wall_time_s": 30.0, "device": "cpu", "machine": None, "libraries": {}, "created_at": 1.0}
+    folder = run_dir / "evaluations"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{split}-{protocol}-{checkpoint}.json").write_text(json.dumps(record))
+
+
+WHOLE = {"eval_mode": "whole", "eval_window": 768, "eval_stride": 512, "eval_scales": [1.0], "eval_flip": False}
+TTA = {"eval_mode": "whole", "eval_window": 768, "eval_stride": 512, "eval_scales": [0.75, 1.0, 1.25], "eval_flip": True}
+
+
+def test_evaluation_records_fill_the_table_when_asked(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for seed in range(5):
+        for pam in (False, True):
+            name = f"{pam}_s{seed}"
+            _write_run(runs, name, 0.70 + 0.01 * pam, pam=pam, cam=False, seed=seed)
+            write_evaluation(runs / name, "val", "ms0.75-1-1.25-flip", 0.72 + 0.02 * pam + 0.001 * seed, TTA)
+            write_evaluation(runs / name, "val", "whole", 0.70 + 0.01 * pam, WHOLE)
+            if name != "True_s4":
+                write_evaluation(runs / name, "test", "whole", 0.60 + 0.01 * pam, WHOLE)
+    write_evaluation(runs / "True_s0", "val", "ms0.75-1-1.25-flip", 0.10, TTA, checkpoint="best")  # not the last
+    out = tmp_path / "out"
+    assert make_tables.main(["--runs-dir", str(runs), "--out", str(out), "--no-figures",
+                             "--protocol", "ms0.75-1-1.25-flip"]) == 0
+    table = pd.read_csv(out / "table1-ms0.75-1-1.25-flip.csv")
+    assert table["mean"].tolist() == pytest.approx([72.2, 74.2])
+    assert ("Numbers: evaluation records on split each run's val split, protocol ms0.75-1-1.25-flip"
+            in (out / "table1-ms0.75-1-1.25-flip.md").read_text())
+    assert not (out / "table1.md").exists()  # the default table is another file
+    assert make_tables.main(["--runs-dir", str(runs), "--out", str(out), "--no-figures", "--split", "test"]) == 0
+    assert "True_s4 (complete): no evaluation record for split test" in capsys.readouterr().err
+    assert pd.read_csv(out / "not_complete-test.csv")["run_id"].tolist() == ["True_s4"]
+    table = pd.read_csv(out / "table1-test.csv")
+    assert table["n"].tolist() == [5, 4] and table["mean"].tolist() == pytest.approx([60.0, 61.0])
+    text = (out / "table1-test.md").read_text()
+    assert "split test, protocol each run's own final protocol (whole)" in text
+    assert (out / "table1-ms0.75-1-1.25-flip.md").exists()  # another suffix: left alone
