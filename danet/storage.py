@@ -38,7 +38,7 @@ def storage_kind(text: str) -> str:
                 raise UsageError(f"--storage {text}: PostgreSQL needs the psycopg driver: "
                                  "pip install -e \".[postgres]\"")
             return "database"
-    elif text.endswith(JOURNAL_SUFFIX) and ":" not in Path(text).name:
+    elif text.endswith(JOURNAL_SUFFIX) and ":" not in text:  # "journal:PATH" is no form of Optuna's
         return "journal"
     raise UsageError(f"--storage {text}: expected {FORMS}")
 

@@ -8,34 +8,36 @@ trained by one of them while the other waits for its result.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
-import sqlalchemy
 import yaml
-from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
-from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
 from rich.console import Console
 
-from danet.config import RunConfig, UsageError, find_yaml, merge, resolve_run_config
+from danet.config import RunConfig, UsageError, field_section, find_yaml, merge, resolve_run_config
 from danet.data import DataError
 from danet.engine import StopRun
 from danet.evaluation import EvaluationRequest, evaluate_run
 from danet.grids import Evaluation, load_grid
 from danet.runner import BUSY, SKIPPED, Outcome, prepare, run_cell
+from danet.storage import default_storage, open_storage, storage_kind
 from danet.tracking import STATUS_COMPLETE, STATUS_FAILED, STATUS_PRUNED, RunStore, find_complete, read_summary
 
 BUSY_POLL_SECONDS = 2.0
-SCHEMA_ATTEMPTS = 5
+MAX_RETRIES = 3
+METRIC_NAME = "val mIoU"  # the objective's name in Optuna's tools
 
 
 @dataclass(frozen=True)
@@ -49,12 +51,16 @@ class StudySpec:
     space: dict[str, Any]  # grid: {"cell": [ids]}; search: {param: optuna distribution or fixed value}
     cells: dict[str, dict[str, Any]]  # grid cells; empty for searches
     evaluations: tuple[Evaluation, ...] = ()  # the grid's protocols to run on each trained cell
+    varying: tuple[str, ...] = ()  # the settings that differ between the grid's cells (trial user attributes)
 
 
 def grid_spec(grid_name: str, grid_dir: Path) -> StudySpec:
     grid = load_grid(grid_name, grid_dir)
+    cells = grid.cells.values()
+    names = {name for settings in cells for name in settings}
+    varying = tuple(sorted(name for name in names if len({repr(settings.get(name)) for settings in cells}) > 1))
     return StudySpec("grid", grid.name, grid_name, grid.preset, {"cell": list(grid.cells)}, grid.cells,
-                     tuple(grid.evaluations))
+                     tuple(grid.evaluations), varying)
 
 
 def search_spec(name_or_path: str, sweep_dir: Path) -> StudySpec:
@@ -81,28 +87,25 @@ def search_spec(name_or_path: str, sweep_dir: Path) -> StudySpec:
     return StudySpec("search", search_path.stem, str(search_path), preset, space, {})
 
 
-def open_storage(url: str | None, study: str, workers: int, heartbeat: int) -> optuna.storages.BaseStorage:
-    """journal file by default (several workers on one host or NFS); sqlite for one process;
-    postgresql:// across machines (with heartbeats, so trials of dead workers are retried)."""
-    if url is None:
-        url = f"journal:optuna/{study}.journal"
-    if url.startswith("journal:"):
-        path = Path(url.removeprefix("journal:"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
-    if url.startswith("sqlite") and workers > 1:
+def retry_dead_worker_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """A database storage's failed_trial_callback: a trial whose worker died (its heartbeat went
+    stale) is queued again with the same parameters, up to MAX_RETRIES times; the retry resumes
+    the cell from its checkpoint. (Optuna's own RetryFailedTrialCallback is deprecated in Optuna 5,
+    and its successor is experimental.)"""
+    retries = trial.user_attrs.get("retries", 0)
+    if retries < MAX_RETRIES:
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "retries": retries + 1})
+
+
+def open_study_storage(text: str | None, study: str, workers: int, heartbeat: int) -> optuna.storages.BaseStorage:
+    """The default journal file optuna/STUDY.journal (several workers on one host or NFS), a
+    journal path, sqlite:/// for one process, postgresql:// across machines (with heartbeats, so
+    that the trials of dead workers are retried)."""
+    text = text or default_storage(study)
+    if storage_kind(text) == "sqlite" and workers > 1:
         raise UsageError("SQLite is for one process: parallel workers hit 'database is locked'. Use the default "
-                         "journal file (or --storage journal:PATH) on one host, or postgresql:// across hosts")
-    for attempt in range(SCHEMA_ATTEMPTS):
-        try:
-            return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
-                              failed_trial_callback=RetryFailedTrialCallback(max_retry=3))
-        except sqlalchemy.exc.IntegrityError:
-            # workers that start together on a fresh database race to create Optuna's tables;
-            # the losers fail on a duplicate key and find the tables there a moment later
-            if attempt == SCHEMA_ATTEMPTS - 1:
-                raise
-            time.sleep(1.0 + attempt)
+                         "journal file (or --storage PATH.journal) on one host, or postgresql:// across hosts")
+    return open_storage(text, heartbeat, retry_dead_worker_trial)
 
 
 def trial_config(spec: StudySpec, params: dict[str, Any], overrides: dict[str, dict[str, Any]], preset_dir: Path,
@@ -165,6 +168,9 @@ class Objective:
         except Exception as error:
             trial.set_user_attr("reason", f"{error.__class__.__name__}: {error}")
             raise
+
+        for name in self.spec.varying:  # so that trials can be sliced by setting in Optuna's tools
+            trial.set_user_attr(name, getattr(getattr(prepared.cfg, field_section(name)), name))
 
         def report(iteration: int, miou: float) -> None:
             trial.report(miou, iteration)
@@ -233,7 +239,7 @@ class ProgressLine:
 
 def run_worker(spec: StudySpec, storage: optuna.storages.BaseStorage, study_name: str, n_trials: int | None,
                overrides: dict[str, dict[str, Any]], preset_dir: Path, pruner: str, console: Console,
-               processes_per_trial: int = 1, run_flags: tuple[str, ...] = ()) -> None:
+               processes_per_trial: int = 1, run_flags: tuple[str, ...] = ()) -> optuna.Study:
     if spec.mode == "grid":
         sampler: optuna.samplers.BaseSampler = optuna.samplers.GridSampler(spec.space)
         pruner_object: optuna.pruners.BasePruner = optuna.pruners.NopPruner()
@@ -243,10 +249,30 @@ def run_worker(spec: StudySpec, storage: optuna.storages.BaseStorage, study_name
                          else optuna.pruners.MedianPruner(n_startup_trials=3))
     study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner_object,
                                 direction="maximize", load_if_exists=True)
+    with warnings.catch_warnings():  # experimental in Optuna 5; used deliberately, so that tools show the name
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([METRIC_NAME])
     callbacks = [ProgressLine(spec, console)]
     if n_trials is not None:  # a total across all workers, not per worker
         callbacks.append(optuna.study.MaxTrialsCallback(n_trials, states=None))
     console.print(f"worker {platform.node()}:{os.getpid()} joins study {study_name} ({spec.mode} {spec.name})")
     objective = Objective(spec, overrides, preset_dir, console, processes_per_trial, run_flags)
     study.optimize(objective, callbacks=callbacks, catch=(Exception,), gc_after_trial=True)
+    return study
+
+
+def study_summary(study: optuna.Study) -> tuple[str, int]:
+    """One line on how the study stands, and how many parameter sets failed without a complete
+    trial (a retried trial that completed does not count)."""
+    trials = study.get_trials(deepcopy=False)
+    states = Counter(trial.state for trial in trials)
+    done = {json.dumps(trial.params, sort_keys=True) for trial in trials if trial.state == TrialState.COMPLETE}
+    failed = {json.dumps(trial.params, sort_keys=True) for trial in trials if trial.state == TrialState.FAIL} - done
+    line = (f"study {study.study_name}: {states[TrialState.COMPLETE]} complete, {len(failed)} failed, "
+            f"{states[TrialState.PRUNED]} pruned, {states[TrialState.RUNNING]} running")
+    if states[TrialState.COMPLETE]:
+        best = study.best_trial
+        cell = best.params.get("cell") or " ".join(f"{name}={value}" for name, value in best.params.items())
+        line += f"; best: {cell} ({METRIC_NAME} {best.value:.4f}, {best.user_attrs.get('run_dir', '')})"
+    return line, len(failed)
 

@@ -3,7 +3,7 @@
     python reports/make_tables.py                                  # runs/ -> reports/out/
     python reports/make_tables.py --runs-dir results/camvid_cpu/runs --out results/camvid_cpu
     python reports/make_tables.py --wandb ENTITY/PROJECT [--sweep ID]
-    python reports/make_tables.py --optuna-storage URL --study NAME
+    python reports/make_tables.py --optuna-storage optuna/NAME.journal --study NAME
     python reports/make_tables.py --rows backbone,pam --cols cam   # any fields against any others
     python reports/make_tables.py --runs-dir R --out O --split test --protocol ms0.75-1-1.25-flip
 
@@ -28,6 +28,7 @@ from pathlib import Path
 import pandas as pd
 from rich.console import Console
 
+from danet.config import UsageError
 from reports.sources import (
     UNREADABLE,
     NoRunsFound,
@@ -129,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--runs-dir", type=Path, default=Path("runs"), help="a RunStore folder (default: runs)")
     source.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read runs from the W&B API instead")
-    source.add_argument("--optuna-storage", metavar="URL", help="read the records of an Optuna study (with --study)")
+    source.add_argument("--optuna-storage", metavar="STORAGE",
+                        help="read the records of an Optuna study (with --study): its journal file PATH.journal or "
+                             "database URL, the string sweeps/optuna_study.py --storage takes")
     parser.add_argument("--sweep", help="with --wandb: only this sweep's runs")
     parser.add_argument("--study", help="with --optuna-storage: the study name")
     parser.add_argument("--out", type=Path, default=Path("reports/out"), help="output folder (default: reports/out)")
@@ -160,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     try:
         runs, where = load_runs(args)
-    except NoRunsFound as error:
+    except (NoRunsFound, UsageError) as error:  # UsageError: a storage string Optuna's tools would not take
         print(f"{parser.prog}: {error}", file=sys.stderr)
         return 2
 

@@ -145,7 +145,12 @@ def read_optuna(storage: str, study_name: str) -> pd.DataFrame:
     """The records that an Optuna study's trials wrote (their user attribute run_dir)."""
     import optuna
 
-    study = optuna.load_study(study_name=study_name, storage=storage)
+    from danet.storage import open_storage
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+    except KeyError:  # optuna's way of saying the study is not there
+        raise NoRunsFound(f"no study {study_name} in {storage}") from None
     run_dirs = sorted({trial.user_attrs["run_dir"] for trial in study.trials if "run_dir" in trial.user_attrs})
     return _frame([read_record(Path(run_dir)) for run_dir in run_dirs], f"Optuna study {study_name} at {storage}")
 

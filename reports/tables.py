@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from danet.config import NOT_IN_CELL, fields_by_cell_rule
 from reports.sources import IOU_PREFIX, MACHINE_NOT_RECORDED
 from reports.stats import (
     POWER,
@@ -28,9 +29,7 @@ from reports.stats import (
 
 PAPER_NUMBERS = Path(__file__).with_name("paper_numbers.yaml")
 # Settings that do not change a result (danet.config.NOT_IN_CELL plus tracking): never "mixed".
-NOT_SETTINGS = {"data_root", "workers", "device", "log_every", "checkpoint_every", "eval_batch_size", "runs_dir",
-                "run_name", "wandb", "wandb_project", "wandb_entity", "quiet", "study", "trial",
-                "grid", "grid_cell", "design"}
+NOT_SETTINGS = fields_by_cell_rule(NOT_IN_CELL)  # paths, devices, logging, tracking: never "mixed"
 RESULT_FIELDS = {"run_id", "run_dir", "status", "reason", "final_miou", "best_miou", "final_pixel_accuracy",
                  "wall_time_s", "images_per_second", "peak_memory_mb", "iterations", "device", "cell_hash",
                  "finished_at", "machine", "machine_kind", "score_source"}

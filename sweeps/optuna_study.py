@@ -5,10 +5,14 @@
     python sweeps/optuna_study.py --grid table1 --study table1 --storage postgresql://user:pw@host/db
 
 Storage: a journal file optuna/<study>.journal by default (nothing to start; safe for several
-workers on one host or NFS), sqlite:///FILE for one process, postgresql://... across machines:
+workers on one host or NFS; `optuna trials --storage optuna/S.journal --storage-class
+JournalFileBackend --study-name S` and `optuna-dashboard optuna/S.journal` read it),
+sqlite:///FILE for one process, postgresql://... across machines:
 each machine runs the same command and they share the work. The same command restarted continues
 where it stopped: complete cells are skipped by their records, partial ones resume.
 Flags after `--` go to every run (for example --data-root, --runs-dir, --wandb offline).
+At the end: one summary line (complete / failed / pruned, the best cell). Exit status: 0 done,
+1 some cell failed (its trial keeps the reason), 2 usage error.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from danet.cli import build_parser as run_parser
 from danet.cli import explicit_settings
 from danet.config import UsageError
 from danet.processes import run_together, visible_gpus
-from danet.studies import grid_spec, open_storage, run_worker, search_spec
+from danet.studies import grid_spec, open_study_storage, run_worker, search_spec, study_summary
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
                                        "are the search space (TPE)")
     parser.add_argument("--study", required=True, help="study name (shared by all workers)")
     parser.add_argument("--storage", default=None,
-                        help="journal:PATH (default optuna/STUDY.journal), sqlite:///FILE or postgresql://...")
+                        help="a journal file PATH.journal (default: optuna/STUDY.journal), sqlite:///FILE.db (one "
+                             "process) or postgresql://USER:PW@HOST/DB: the strings Optuna's own tools take")
     parser.add_argument("--n-trials", type=int, default=None,
                         help="total trials across workers (default: the whole grid; required for --search)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default: 1)")
@@ -73,14 +78,16 @@ def main(argv: list[str] | None = None) -> int:
         if run_args.config or run_args.grid or run_args.cell:
             raise UsageError("--config, --grid and --cell come from the study's grid or search file, not from run flags")
         overrides = explicit_settings(run_args)
-        storage = open_storage(args.storage, args.study, args.workers, args.heartbeat)
+        storage = open_study_storage(args.storage, args.study, args.workers, args.heartbeat)
     except UsageError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    run_worker(spec, storage, args.study, args.n_trials, overrides, REPO / "ablations" / "configs", args.pruner,
-               console, args.nproc_per_trial, tuple(run_flags))
-    return 0
+    study = run_worker(spec, storage, args.study, args.n_trials, overrides, REPO / "ablations" / "configs",
+                       args.pruner, console, args.nproc_per_trial, tuple(run_flags))
+    line, failed = study_summary(study)
+    console.print(line, markup=False, soft_wrap=True)
+    return 1 if failed else 0
 
 
 def own_flags_without_workers(flags: list[str]) -> list[str]:

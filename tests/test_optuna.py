@@ -2,6 +2,7 @@
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -10,13 +11,13 @@ import uuid
 import optuna
 import pytest
 import yaml
-from optuna.storages import JournalStorage, RetryFailedTrialCallback
+from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from rich.console import Console
 
 from danet.config import UsageError
 from danet.grids import load_grid
-from danet.studies import Objective, grid_spec, open_storage, search_spec
+from danet.studies import Objective, grid_spec, open_study_storage, search_spec
 from tests.conftest import PRESETS, REPO, tiny_flags, wait_for_checkpoint
 
 GRIDS = REPO / "ablations" / "grids"
@@ -78,7 +79,8 @@ def test_failed_trials_are_recorded_with_the_reason(tmp_path):
     process = _driver("--grid", str(grid), "--study", "boom", "--", *_tiny_run_flags(runs, "--lr", "1e30",
                                                                                      "--iterations", "20"), cwd=tmp_path)
     output, _ = process.communicate(timeout=300)
-    assert process.returncode == 0, output
+    assert process.returncode == 1, output  # a failed cell is a failed command
+    assert "study boom: 0 complete, 1 failed, 0 pruned, 0 running" in output
     trial, = _journal_study(tmp_path / "optuna" / "boom.journal", "boom").trials
     assert trial.state == optuna.trial.TrialState.FAIL
     assert trial.user_attrs["reason"].startswith("non-finite loss at iteration")
@@ -115,7 +117,7 @@ def test_search_trials_report_val_miou_and_can_be_pruned(tmp_path):
 
 def test_sqlite_refuses_parallel_workers():
     with pytest.raises(UsageError, match="SQLite is for one process"):
-        open_storage("sqlite:///x.db", "s", workers=2, heartbeat=60)
+        open_study_storage("sqlite:///x.db", "s", workers=2, heartbeat=60)
     assert grid_spec("demo", GRIDS).space == {"cell": list(load_grid("demo", GRIDS).cells)}
 
 
@@ -155,7 +157,90 @@ def test_postgres_killed_worker_trial_is_retried_and_the_grid_completes(tmp_path
     assert second.returncode == 0, output
     trials = optuna.load_study(study_name=study, storage=storage).trials
     assert trials[killed.number].state == optuna.trial.TrialState.FAIL  # declared dead by its heartbeat
-    retries = [t for t in trials if RetryFailedTrialCallback.retried_trial_number(t) == killed.number]
+    retries = [t for t in trials if t.user_attrs.get("retry_of") == killed.number]
     assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
     assert retries[0].params == killed.params
     _assert_grid_done_exactly_once(runs)
+
+
+def test_optunas_own_tools_read_the_study(tmp_path):
+    """The storage strings are Optuna's own: its CLI and optuna-dashboard read the study, and so do our reports."""
+    import urllib.request
+
+    runs = tmp_path / "runs"
+    grid = tmp_path / "two.yaml"
+    grid.write_text(yaml.safe_dump({"preset": "demo", "design": "as-released", "blocks": [
+        {"axes": {"seed": [0, 1]}, "cells": {"fcn": {"pam": False, "cam": False}}}]}))
+    flags = _tiny_run_flags(runs, "--iterations", "2", "--eval-every", "0")
+    process = _driver("--grid", str(grid), "--study", "tools", "--", *flags, cwd=tmp_path)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output
+    assert "study tools: 2 complete, 0 failed, 0 pruned, 0 running; best: fcn_seed=" in output
+    journal = "optuna/tools.journal"
+    trial = _journal_study(tmp_path / journal, "tools").trials[0]
+    assert trial.user_attrs["seed"] in (0, 1) and "run_dir" in trial.user_attrs  # sliceable by setting
+    assert _journal_study(tmp_path / journal, "tools").metric_names == ["val mIoU"]
+
+    listed = subprocess.run(["optuna", "trials", "--storage", journal, "--storage-class", "JournalFileBackend",
+                             "--study-name", "tools", "-f", "json"], cwd=tmp_path, capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(row["params"]["cell"] for row in json.loads(listed.stdout)) == ["fcn_seed=0", "fcn_seed=1"]
+    assert all(0 <= row["value"]["val mIoU"] <= 1 for row in json.loads(listed.stdout))  # the named objective
+
+    from reports import make_tables
+
+    assert make_tables.main(["--optuna-storage", str(tmp_path / journal), "--study", "tools", "--out",
+                             str(tmp_path / "out"), "--no-figures"]) == 0
+    assert (tmp_path / "out" / "runs.csv").read_text().count("\n") == 3  # a header and two runs
+    for bad in ("journal:optuna/tools.journal", "optuna/tools.db"):
+        assert make_tables.main(["--optuna-storage", bad, "--study", "tools", "--out", str(tmp_path / "x")]) == 2
+        refused = subprocess.run([sys.executable, str(DRIVER), "--grid", str(grid), "--study", "t", "--storage", bad],
+                                 cwd=tmp_path, capture_output=True, text=True)
+        assert refused.returncode == 2 and "expected a database URL" in refused.stderr
+        assert refused.stderr.count("\n") == 1
+
+    sqlite = f"sqlite:///{tmp_path / 'copy.db'}"  # a database URL works the same way for Optuna's CLI
+    optuna.copy_study(from_study_name="tools", from_storage=JournalStorage(JournalFileBackend(str(tmp_path / journal))),
+                      to_storage=sqlite)
+    listed = subprocess.run(["optuna", "trials", "--storage", sqlite, "--study-name", "tools", "-f", "json"],
+                            capture_output=True, text=True)
+    assert listed.returncode == 0 and len(json.loads(listed.stdout)) == 2, listed.stderr
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dashboard = subprocess.Popen(["optuna-dashboard", journal, "--host", "127.0.0.1", "--port", str(port)],
+                                 cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        body = None
+        for _ in range(100):  # bounded: about 20 s
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as response:
+                    body = json.loads(response.read())
+                break
+            except OSError:
+                time.sleep(0.2)
+        assert body is not None, "optuna-dashboard did not answer"
+        study_id = next(study["study_id"] for study in body["study_summaries"] if study["study_name"] == "tools")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study_id}", timeout=5) as response:
+            detail = json.loads(response.read())
+        assert len(detail["trials"]) == 2 and all(trial["state"] == "Complete" for trial in detail["trials"])
+    finally:
+        dashboard.terminate()
+        dashboard.wait(timeout=30)
+
+
+@pytest.mark.parametrize("text, kind", [("optuna/s.journal", "journal"), ("/abs/path/s.journal", "journal"),
+                                        ("sqlite:///study.db", "sqlite"), ("postgresql://u:p@host/db", "database")])
+def test_storage_strings_are_the_forms_optunas_tools_take(text, kind):
+    from danet.storage import storage_kind
+
+    assert storage_kind(text) == kind
+
+
+@pytest.mark.parametrize("text", ["journal:optuna/s.journal", "optuna/s.db", "study", "redis://host"])
+def test_other_storage_strings_are_one_line_usage_errors(text):
+    from danet.storage import storage_kind
+
+    with pytest.raises(UsageError, match="expected a database URL .* or a journal file path ending in .journal"):
+        storage_kind(text)

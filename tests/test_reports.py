@@ -9,11 +9,11 @@ import pytest
 import yaml
 from scipy import stats as scipy_stats
 
-from danet.config import NOT_IN_CELL, RunConfig, TrackingConfig
+from danet.config import RunConfig
 from reports import make_tables
 from reports.sources import NoRunsFound, read_run_store
 from reports.stats import holm, paired_delta, probability_of_improvement, sign_flip_p_value, t_interval
-from reports.tables import NOT_SETTINGS, TABLE1, MixedCellError, ablation_table, presentable
+from reports.tables import TABLE1, MixedCellError, ablation_table, presentable
 
 
 def test_t_interval_matches_scipy():
@@ -179,13 +179,6 @@ def test_no_runs_is_a_one_line_error_with_exit_2(tmp_path, capsys):
     assert "no runs found in" in error and "python ablations/run.py" in error and error.count("\n") == 1
     with pytest.raises(NoRunsFound):
         read_run_store(tmp_path)
-
-
-def test_reports_leave_out_the_same_fields_as_the_cell_hash():
-    not_in_cell = {name for names in NOT_IN_CELL.values() if names for name in names}
-    tracking = {name for name in TrackingConfig.__dataclass_fields__}
-    # grid, grid_cell and design: tracking fields of the record contract that danet/config.py may not have yet
-    assert not_in_cell | tracking <= NOT_SETTINGS <= not_in_cell | tracking | {"grid", "grid_cell", "design"}
 
 
 def test_attention_figure_from_a_checkpoint(tmp_path):
