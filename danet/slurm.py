@@ -64,7 +64,9 @@ def sbatch_lines(job_name: str, array: str, resources: Resources, workdir: Path,
 def batch_script(header: list[str], comment: list[str], task_command: list[str], cells: list[str] | None) -> str:
     """The whole batch script. With `cells`, task i runs cell i: the ids are written into the script,
     so that a grid file edited after submission cannot shift them."""
-    lines = ["#!/bin/bash", *header, *(f"# {line}" for line in comment)]
+    lines = ["#!/bin/bash", *header, *(f"# {line}" for line in comment),
+             "# torch would start a thread per core of the node, whose other cores belong to other tasks",
+             "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$SLURM_CPUS_PER_TASK}"]
     command = shlex.join(task_command)
     if cells is not None:
         lines.append("cells=(" + " ".join(shlex.quote(cell) for cell in cells) + ")")
@@ -152,8 +154,8 @@ def supervise(command: list[str], max_requeues: int, give_up: Callable[[str], No
         time.sleep(0.2)
     if code in (EXIT_OK, EXIT_USAGE):
         return code
-    if warned_at is None and code == EXIT_PREEMPTED:
-        return code  # Slurm's own SIGTERM: scancel does not come back, a preemption or requeue does
+    if warned_at is None and code in (EXIT_PREEMPTED, -signal.SIGTERM):  # killed by it: before the run's handler
+        return EXIT_PREEMPTED  # Slurm's own SIGTERM: scancel does not come back, a preemption or requeue does
     what = "stopped at the time limit" if warned_at is not None else f"the run {_ending(code)}"
     if restarts >= max_requeues:
         return given_up(f"last attempt {what}")

@@ -220,6 +220,13 @@ def _private_slurm(base: Path) -> tuple[dict[str, str], callable]:
     daemons: list[subprocess.Popen] = []
 
     def stop() -> None:
+        if len(daemons) == 3:  # end every job first: its slurmstepd and processes would outlive slurmd
+            jobs = subprocess.run(["squeue", "-h", "-o", "%A"], env=environment, capture_output=True, text=True)
+            if jobs.stdout.split():
+                subprocess.run(["scancel", "--signal=KILL", "--full", *jobs.stdout.split()], env=environment,
+                               capture_output=True)
+            _wait_for(lambda: not subprocess.run(["squeue", "-h"], env=environment, capture_output=True,
+                                                 text=True).stdout.strip(), 60)
         for daemon in reversed(daemons):  # slurmd, slurmctld, munged: by the pids started here
             daemon.terminate()
             try:

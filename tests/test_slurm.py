@@ -2,15 +2,17 @@
 (the `slurm_cluster` fixture): whole grids, preemption and requeue, cells given up."""
 
 import json
+import os
 import re
 import subprocess
 import sys
 import time
+from datetime import datetime
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, run_cli, tiny_flags
+from tests.conftest import REPO, tiny_flags
 
 LAUNCHER = REPO / "sweeps" / "slurm.py"
 
@@ -22,7 +24,7 @@ def _launch(args, cwd, environment=None):
 
 def _write_grid(path, cells):
     path.write_text(yaml.safe_dump({"preset": "demo", "design": "as-released",
-                                    "blocks": [{"axes": {"seed": [0]}, "cells": cells}]}))
+                                    "blocks": [{"axes": {"seed": [0]}, "cells": cells}]}, sort_keys=False))  # task i: cell i
     return path
 
 
@@ -40,6 +42,7 @@ def test_dry_run_prints_the_batch_script(tmp_path):
                       f"#SBATCH --chdir={tmp_path}", f"#SBATCH --output={tmp_path}/scratch/runs/slurm/%x_%A_%a.out",
                       "#SBATCH --open-mode=append", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@300",
                       "#SBATCH --export=ALL"]
+    assert "\nexport OMP_NUM_THREADS=${OMP_NUM_THREADS:-$SLURM_CPUS_PER_TASK}\n" in script
     assert "cells=(fcn_seed=0 fcn_seed=1 pam_seed=0 pam_seed=1 cam_seed=0 cam_seed=1 pam-cam_seed=0 pam-cam_seed=1)" \
         in script
     assert re.search(r"srun --ntasks=1 \S+ -m torch\.distributed\.run --nnodes=1 --nproc_per_node=2 "
@@ -87,10 +90,11 @@ def _submit(grid, runs, environment, *launcher_flags, run_flags=()):
 
 
 def _release_requeued(environment, job):
-    """Slurm holds a requeued task for two minutes (BeginTime); the tests do not wait that out."""
-    for line in _slurm(environment, "squeue", "-h", "-j", job, "-o", "%i %r").splitlines():
-        task, reason = line.split()
-        if reason == "BeginTime":
+    """Slurm holds a requeued task for two minutes (BeginTime); the tests wait 10 s of them, for the
+    task's previous run to be cleaned up (a task started at once can fail to launch)."""
+    for line in _slurm(environment, "squeue", "-h", "-j", job, "-o", "%i %r %S").splitlines():
+        task, reason, begin = line.split()
+        if reason == "BeginTime" and (datetime.fromisoformat(begin) - datetime.now()).total_seconds() < 110:
             _slurm(environment, "scontrol", "update", f"jobid={task}", "starttime=now")
 
 
@@ -143,7 +147,10 @@ def test_a_preempted_task_resumes_its_cell_to_exactly_an_uninterrupted_runs_metr
     settings = ("--iterations", "300", "--checkpoint-every", "1000", "--eval-every", "0",
                 "--synthetic-train-images", "12", "--log-every", "1")
     reference_runs, runs = tmp_path / "reference", tmp_path / "runs"
-    assert run_cli(["--grid", str(grid), "--cell", "pam_seed=0", *tiny_flags(reference_runs, *settings)]) == 0
+    reference_run = subprocess.run([sys.executable, str(REPO / "ablations" / "run.py"), "--grid", str(grid), "--cell",
+                                    "pam_seed=0", *tiny_flags(reference_runs, *settings)], capture_output=True, text=True,
+                                   env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))  # as in a task
+    assert reference_run.returncode == 0, reference_run.stderr
     reference = next(iter(_records(reference_runs).values()))
     job = _submit(grid, runs, slurm_cluster, run_flags=settings)
     task = f"{job}_0"
