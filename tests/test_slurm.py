@@ -197,3 +197,35 @@ def test_a_cell_that_always_fails_is_given_up_after_its_requeues_and_the_rest_co
     reason = failed[0]["reason"]
     assert reason.startswith(f"given up after 1 requeue(s) of Slurm job {job}_1 (--max-requeues 1): last attempt")
     assert failed[0]["status"] == "failed" and "exited with status 1" in reason and "non-finite loss" in reason
+
+
+class _StandInRun:
+    """What WandbSink uses of a W&B run, recording the calls (there is no W&B server here)."""
+
+    def __init__(self, **init):
+        self.init, self.id, self.summary, self.calls = init, init.get("id") or "new-id", {}, []
+
+    def define_metric(self, *args, **kwargs):
+        pass
+
+    def mark_preempting(self):
+        self.calls.append("mark_preempting")
+
+    def finish(self, exit_code):
+        self.calls.append(f"finish({exit_code})")
+
+
+@pytest.mark.parametrize("status, calls", [("preempted", ["mark_preempting", "finish(1)"]),
+                                           ("complete", ["finish(0)"]), ("failed", ["finish(1)"])])
+def test_wandb_hears_of_a_preemption_and_a_resumed_run_keeps_its_id(tmp_path, monkeypatch, status, calls):
+    from types import SimpleNamespace
+
+    from danet.tracking import WandbSink
+    from tests.conftest import resolve
+
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(init=lambda **init: _StandInRun(**init)))
+    cfg = resolve(["--wandb", "offline"])
+    sink = WandbSink(cfg, tmp_path, resume_id="abc123")
+    assert sink.run.init["id"] == "abc123" and sink.run.init["resume"] == "allow" and sink.run_id == "abc123"
+    sink.finish(status, {"final_miou": 0.5})
+    assert sink.run.calls == calls
