@@ -171,6 +171,23 @@ class RunStore:
         self.summary.update(summary, status=status, finished_at=time.time())
         self._write_summary()
 
+    def give_up(self, reason: str) -> bool:
+        """Record this run as failed because its launcher gave up on it (a Slurm task requeued too
+        often). Its checkpoints stay: `--resume` can still continue it. False, and nothing written,
+        when another process holds the run or its record is complete."""
+        lock = self.lock()
+        if lock is None:
+            return False
+        with lock:
+            previous = self.previous_summary() or {"run_id": self.cfg.run_id(), "name": self.cfg.cell_name(),
+                                                   "cell_hash": self.cfg.cell_hash()}
+            if previous.get("status") == STATUS_COMPLETE:
+                return False
+            last = f" (the run's own record said: {previous['reason']})" if previous.get("reason") else ""
+            self.summary = previous | {"status": STATUS_FAILED, "reason": reason + last, "finished_at": time.time()}
+            self._write_summary()
+        return True
+
     def _write_summary(self) -> None:
         atomic_write_text(self.dir / "summary.json", json.dumps(json_safe(self.summary), indent=2) + "\n")
 

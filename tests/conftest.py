@@ -149,3 +149,137 @@ def postgres_url() -> str:
     yield url
     stop()
     shutil.rmtree(base, ignore_errors=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+SLURM_CONF = """\
+ClusterName=danet-test
+SlurmctldHost={host}(127.0.0.1)
+SlurmUser=root
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={base}/munge/munge.socket
+StateSaveLocation={base}/state
+SlurmdSpoolDir={base}/spool
+SlurmctldPidFile={base}/slurmctld.pid
+SlurmdPidFile={base}/slurmd.pid
+SlurmctldLogFile={base}/slurmctld.log
+SlurmdLogFile={base}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+JobRequeue=1
+ReturnToService=2
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+KillWait=30
+NodeName=danet-node NodeHostname={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
+PartitionName=test Nodes=danet-node Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def _private_slurm(base: Path) -> tuple[dict[str, str], callable]:
+    """Start munged, slurmctld and slurmd (Debian's slurm-wlm and munge) as a one-node cluster
+    whose files all live in `base`; return the environment its clients need and a stop function.
+    Skips the test when Slurm is not installed or does not come up."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+
+    missing = [name for name in ("munged", "slurmctld", "slurmd", "sbatch") if shutil.which(name) is None]
+    if missing:
+        pytest.skip(f"Slurm is not installed (no {', '.join(missing)}): apt-get install slurm-wlm munge")
+    base.chmod(0o755)  # munged runs as the munge user and must reach its own folder
+    munge_dir = base / "munge"
+    munge_dir.mkdir()
+    munge_dir.chmod(0o711)  # munged wants its socket's folder searchable by all and writable by itself only
+    key = munge_dir / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o600)
+    for path in (munge_dir, key):
+        shutil.chown(path, "munge", "munge")
+    for name in ("state", "spool"):
+        (base / name).mkdir()
+    conf = base / "slurm.conf"
+    conf.write_text(SLURM_CONF.format(host=socket.gethostname(), ctld_port=_free_port(), slurmd_port=_free_port(),
+                                      base=base, cpus=os.cpu_count()))
+    environment = dict(os.environ, SLURM_CONF=str(conf))
+    daemons: list[subprocess.Popen] = []
+
+    def stop() -> None:
+        if len(daemons) == 3:  # end every job first: its slurmstepd and processes would outlive slurmd
+            jobs = subprocess.run(["squeue", "-h", "-o", "%A"], env=environment, capture_output=True, text=True)
+            if jobs.stdout.split():
+                subprocess.run(["scancel", "--signal=KILL", "--full", *jobs.stdout.split()], env=environment,
+                               capture_output=True)
+            _wait_for(lambda: not subprocess.run(["squeue", "-h"], env=environment, capture_output=True,
+                                                 text=True).stdout.strip(), 60)
+        for daemon in reversed(daemons):  # slurmd, slurmctld, munged: by the pids started here
+            daemon.terminate()
+            try:
+                daemon.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
+
+    def start(command: list[str], **options) -> None:
+        daemons.append(subprocess.Popen(command, env=environment, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, **options))
+
+    try:
+        start(["munged", "--foreground", f"--socket={munge_dir}/munge.socket", f"--key-file={key}",
+               f"--pid-file={munge_dir}/munged.pid", f"--log-file={munge_dir}/munged.log",
+               f"--seed-file={munge_dir}/munged.seed"], user="munge", group="munge")
+        if not _wait_for(lambda: (munge_dir / "munge.socket").exists(), 30):
+            raise RuntimeError("munged did not create its socket within 30 s")
+        start(["slurmctld", "-D", "-i", "-f", str(conf)])
+        start(["slurmd", "-D", "-N", "danet-node", "-f", str(conf)])
+
+        def node_idle() -> bool:
+            state = subprocess.run(["sinfo", "-h", "-o", "%t"], env=environment, capture_output=True, text=True)
+            return state.stdout.strip() == "idle"
+
+        if not _wait_for(node_idle, 60):
+            raise RuntimeError("the node did not become idle within 60 s")
+    except Exception as error:
+        stop()
+        logs = "; ".join(f"{path.name}: {path.read_text().strip().splitlines()[-1:]}"
+                         for path in sorted(base.rglob("*.log")) if path.stat().st_size)
+        pytest.skip(f"Slurm could not start ({error}); {logs}")
+    return environment, stop
+
+
+def _wait_for(condition, timeout: float) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A one-node Slurm cluster for this session: the environment its clients (sbatch, squeue,
+    scontrol) need. Its daemons are stopped by pid at the end of the session."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="danet-slurm-"))
+    environment, stop = _private_slurm(base)
+    yield environment
+    stop()
+    shutil.rmtree(base, ignore_errors=True)
