@@ -15,7 +15,18 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from danet.config import EXIT_OK, EXIT_USAGE, SECTIONS, RunConfig, UsageError, dump_yaml, resolve_run_config
+from danet.config import (
+    EXIT_OK,
+    EXIT_USAGE,
+    SECTIONS,
+    RunConfig,
+    UsageError,
+    dump_yaml,
+    find_yaml,
+    load_yaml,
+    resolve_run_config,
+)
+from danet.console import stderr_console
 from danet.grids import grid_cell, load_grid
 
 DEFAULT_PRESET = "demo"
@@ -61,8 +72,18 @@ def _field_flags(name: str) -> list[str]:
     return flags + [f"--{name}"] if "_" in name else flags  # W&B sends the YAML key as it is
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field, dest 'section.field', absent from the namespace unless given."""
+def _shown(value: Any) -> str:
+    """A default as a person would type it: lists comma-separated, an empty string as 'none'."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return "none" if value == "" else str(value)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, preset: dict[str, dict[str, Any]] | None = None,
+                         preset_name: str = "") -> None:
+    """One flag per config field, dest 'section.field', absent from the namespace unless given.
+    The help shows the value the run will get without the flag: the preset's, else the default."""
+    preset = preset or {}
     for section_name, section in SECTIONS.items():
         group = parser.add_argument_group(f"{section_name} settings")
         hints = typing.get_type_hints(section)
@@ -70,8 +91,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             if not field.metadata["flag"]:
                 continue
             flags, kind = _field_flags(field.name), hints[field.name]
+            values = preset.get(section_name) or {}
+            shown = f"{_shown(values[field.name])}, from preset {preset_name}" if field.name in values else \
+                _shown(field.default)
             options = {"dest": f"{section_name}.{field.name}", "default": argparse.SUPPRESS,
-                       "help": f"{field.metadata['help']} (default: {field.default})"}
+                       "help": f"{field.metadata['help']} (default: {shown})"}
             if kind is bool:
                 flags.append(f"--no-{field.name.replace('_', '-')}")
                 group.add_argument(*flags, action=BoolFlag, nargs="?", metavar="BOOL", **options)
@@ -91,7 +115,23 @@ def explicit_settings(namespace: argparse.Namespace) -> dict[str, dict[str, Any]
     return settings
 
 
-def build_parser() -> argparse.ArgumentParser:
+def preset_for_help(argv: list[str], preset_dir: Path) -> tuple[str, dict[str, dict[str, Any]]]:
+    """The preset a command line will run (its --config, its --grid's preset, or the default) and
+    its settings, for --help; ({}, name) when it cannot be read (the real parse reports that)."""
+    scout = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    scout.add_argument("--config")
+    scout.add_argument("--grid")
+    known, _ = scout.parse_known_args(argv)
+    try:
+        name = load_grid(known.grid, preset_dir.parent / "grids").preset if known.grid else \
+            known.config or DEFAULT_PRESET
+        return name, load_yaml(find_yaml(name, preset_dir, "--config"))
+    except UsageError:
+        return known.config or DEFAULT_PRESET, {}
+
+
+def build_parser(preset_name: str = DEFAULT_PRESET,
+                 preset: dict[str, dict[str, Any]] | None = None) -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="ablations/run.py", allow_abbrev=False,
         description="Train and evaluate one DANet ablation cell. Settings come from the defaults, then the "
@@ -100,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                "final numbers), checkpoints/. Exit status: 0 done, 2 usage/config/data error, 1 failed run.")
     parser.add_argument("--config", default=None, metavar="PRESET",
                         help="preset name from ablations/configs/ or a YAML file (default: demo, CPU + synthetic data)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as YAML and exit, without reading the data or the weights "
+                             "(num_classes 0 and --epochs are resolved when the run starts)")
     parser.add_argument("--dry-run", action="store_true", help="build data and model, print what would run, exit")
     parser.add_argument("--resume", action="store_true",
                         help="continue this run (same config) from its last checkpoint; a complete run is left as is")
@@ -108,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grid", metavar="GRID",
                         help="an ablation grid from ablations/grids/ (or a YAML file); needs --cell")
     parser.add_argument("--cell", metavar="ID", help="the grid cell to run, e.g. pam-cam_seed=0 (its preset and settings)")
-    add_config_arguments(parser)
+    add_config_arguments(parser, preset, preset_name)
     return parser
 
 
@@ -148,10 +190,18 @@ def print_summary(console, cfg: RunConfig, summary: dict[str, Any], class_names:
 
 
 def main(argv: list[str] | None = None, preset_dir: Path | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    preset_dir = preset_dir or Path("ablations/configs")
+    parser = build_parser(*preset_for_help(argv, preset_dir))
     args = parser.parse_args(argv)
     prog = parser.prog
-    preset_dir = preset_dir or Path("ablations/configs")
+    if args.print_config:  # resolved without the data or the weights: a sweep can be checked on a laptop
+        try:
+            print(dump_yaml(config_from_args(args, preset_dir, dict(os.environ))), end="")
+        except UsageError as error:
+            print(f"{prog}: error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        return EXIT_OK
 
     from danet import data as datasets  # torch and the models: only once a run is asked for
     from danet import distributed, runner
@@ -178,17 +228,11 @@ def main(argv: list[str] | None = None, preset_dir: Path | None = None) -> int:
 
 
 def _run_and_report(args: argparse.Namespace, prepared, context, prog: str, usage_error) -> int:
-    from rich.console import Console
-
     from danet import runner
     from danet.tracking import STATUS_COMPLETE, RunStore
 
-    console = Console(stderr=True)
+    console = stderr_console()
     cfg = prepared.cfg
-    if args.print_config:
-        if context.is_main:
-            print(dump_yaml(cfg), end="")
-        return EXIT_OK
     if args.dry_run:
         parameters = sum(p.numel() for p in prepared.model.parameters())
         console.print(f"{cfg.cell_name()}: {parameters / 1e6:.2f} M parameters, {len(prepared.data.train)} train / "

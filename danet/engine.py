@@ -9,6 +9,7 @@ import math
 import os
 import random
 import resource
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +33,7 @@ from torch.utils.data import DataLoader, Sampler, Subset
 
 from danet import distributed
 from danet.config import EvalConfig, RunConfig, TrainConfig
+from danet.console import stderr_console
 from danet.data import DataBundle
 from danet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from danet.losses import SegmentationLoss
@@ -274,7 +276,7 @@ def make_progress(quiet: bool) -> Progress | None:
     if quiet:
         return None
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+                    TimeElapsedColumn(), TimeRemainingColumn(), transient=False, console=stderr_console())
 
 
 def autocast_options(train: TrainConfig, device: torch.device) -> dict[str, Any]:
@@ -372,12 +374,25 @@ def training_metrics(training: Training, loss: float, terms: dict[str, torch.Ten
             "train/images_per_s": images_per_second} | {f"train/loss_{name}": float(value) for name, value in terms.items()}
 
 
-def record_validation(training: Training, miou: float, checkpoint_dir: Path) -> None:
-    """After a validation: save "best" when it beats the best so far, then "last"."""
+def announcer(progress: Progress | None, context: distributed.Context) -> Callable[[str], None]:
+    """Where a run's plain lines go: above the progress bar, or to stderr when there is none (--quiet,
+    agents' logs); rank 0 only."""
+    if not context.is_main:
+        return lambda line: None
+    if progress is not None:
+        return lambda line: progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+    return lambda line: print(line, file=sys.stderr, flush=True)
+
+
+def record_validation(training: Training, miou: float, checkpoint_dir: Path, say: Callable[[str], None],
+                      label: str = "val mIoU") -> None:
+    """After a validation: save "best" when it beats the best so far, then "last"; say one line."""
     if training.best_miou is None or miou > training.best_miou:
         training.best_miou = miou
         save_training(training, checkpoint_dir / "best.pt")
     save_training(training, checkpoint_dir / "last.pt")
+    say(f"iteration {training.iteration}/{training.cfg.train.iterations}: {label} {miou:.4f} "
+        f"(best so far {training.best_miou:.4f})")
 
 
 def honour_stop_request(training: Training, checkpoint_dir: Path) -> None:
@@ -436,6 +451,7 @@ def fit(cfg: RunConfig, model: DANet, data: DataBundle, tracker: Tracker, checkp
                         keep_samples=PREDICTIONS_LOGGED)
 
     progress = make_progress(cfg.tracking.quiet or not context.is_main)
+    say = announcer(progress, context)
     images_seen, eval_seconds, loop_start = 0, 0.0, time.perf_counter()
     model.train()
     with progress or contextlib.nullcontext():
@@ -459,9 +475,8 @@ def fit(cfg: RunConfig, model: DANet, data: DataBundle, tracker: Tracker, checkp
                 scores, samples = validate(periodic)
                 tracker.log(iteration, scores.as_metrics(classes, "val") | attention_gammas(model))
                 tracker.log_predictions(iteration, samples, classes)
-                record_validation(training, scores.miou, checkpoint_dir)
-                eval_seconds += time.perf_counter() - eval_start
-                window_start = time.perf_counter()
+                record_validation(training, scores.miou, checkpoint_dir, say)
+                eval_seconds += (window_start := time.perf_counter()) - eval_start  # the window restarts after it
                 agree_to_stop(on_eval, iteration, scores.miou, context)
             elif iteration % train.checkpoint_every == 0:
                 save_training(training, checkpoint_dir / "last.pt")
@@ -472,6 +487,6 @@ def fit(cfg: RunConfig, model: DANet, data: DataBundle, tracker: Tracker, checkp
     tracker.log(training.iteration, final.as_metrics(classes, "val") | final.as_metrics(classes, "final")
                 | attention_gammas(model))
     tracker.log_predictions(training.iteration, samples, classes)
-    record_validation(training, final.miou, checkpoint_dir)
+    record_validation(training, final.miou, checkpoint_dir, say, f"final {cfg.eval.protocol_name()} val mIoU")
     return FitResult(training.best_miou, final, training.iteration,
                      context.world_size * images_seen / max(train_seconds, 1e-9), train_seconds)

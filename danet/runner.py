@@ -23,6 +23,7 @@ from rich.console import Console
 from danet import data as datasets
 from danet import distributed
 from danet.config import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, RunConfig, UsageError, resolve_for_dataset
+from danet.console import stderr_console
 from danet.engine import (
     STOP_REQUEST,
     NonFiniteLoss,
@@ -145,7 +146,7 @@ def run_cell(prepared: Prepared, *, resume: bool, overwrite: bool = False, extra
                 checkpoint = load_checkpoint(store.checkpoint_dir / "last.pt")
         distributed.broadcast(("train", str(store.checkpoint_dir / "last.pt") if checkpoint else None), context)
         wandb_id = (previous or {}).get("wandb_id") if checkpoint else None
-        return _train(store, prepared, checkpoint, wandb_id, extra_trackers, on_eval, console or Console(stderr=True),
+        return _train(store, prepared, checkpoint, wandb_id, extra_trackers, on_eval, console or stderr_console(),
                       context)
 
 

@@ -33,7 +33,15 @@ from danet.evaluation import EvaluationRequest, evaluate_run
 from danet.grids import Evaluation, load_grid
 from danet.runner import BUSY, SKIPPED, Outcome, prepare, run_cell
 from danet.storage import default_storage, open_storage, storage_kind
-from danet.tracking import STATUS_COMPLETE, STATUS_FAILED, STATUS_PRUNED, RunStore, find_complete, read_summary
+from danet.tracking import (
+    STATUS_COMPLETE,
+    STATUS_FAILED,
+    STATUS_PREEMPTED,
+    STATUS_PRUNED,
+    RunStore,
+    find_complete,
+    read_summary,
+)
 
 BUSY_POLL_SECONDS = 2.0
 MAX_RETRIES = 3
@@ -187,6 +195,11 @@ class Objective:
             time.sleep(BUSY_POLL_SECONDS)  # another worker trains this cell: wait for its record
         trial.set_user_attr("run_dir", str(outcome.run_dir))
         trial.set_user_attr("cell_hash", prepared.cfg.cell_hash())
+        if outcome.status == STATUS_PREEMPTED:  # this worker was asked to stop: offer the cell again, then stop
+            trial.set_user_attr("reason", outcome.summary.get("reason", STATUS_PREEMPTED))
+            trial.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            trial.study.stop()
+            raise RuntimeError(f"preempted, queued again: {outcome.summary.get('reason')}")
         if outcome.status == STATUS_PRUNED:
             trial.set_user_attr("reason", outcome.summary.get("reason", STATUS_PRUNED))
             raise optuna.TrialPruned(outcome.summary.get("reason"))

@@ -26,9 +26,9 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-from rich.console import Console
 
 from danet.config import UsageError
+from danet.console import stderr_console
 from reports.sources import (
     UNREADABLE,
     NoRunsFound,
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluated = bool(args.split or args.protocol)
     if evaluated and args.metric != "final_miou":
         parser.error("--split / --protocol take the evaluation's mIoU: --metric best_miou does not apply")
-    console = Console(stderr=True)
+    console = stderr_console()
     try:
         runs, where = load_runs(args)
     except (NoRunsFound, UsageError) as error:  # UsageError: a storage string Optuna's tools would not take
@@ -252,7 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     for table, text, name, note, table_runs_with_cell, baseline, comparisons in pending:
         name += suffix
         written += write_table(table, text, args.out, name, note)
-        console.print(to_markdown(text))
+        markdown = to_markdown(text)
+        if not console.is_terminal or max(map(len, markdown.splitlines())) <= console.width:
+            console.print(markdown, markup=False, highlight=False)
+        else:  # a 17-column table folded into a narrow terminal is unreadable: say where it is instead
+            console.print(f"{name}: {len(text)} rows x {len(text.columns)} columns, too wide for this "
+                          f"{console.width}-column terminal: see {args.out / name}.md", markup=False)
         if not args.no_figures and table_runs_with_cell is not None:
             written += make_figures(table_runs_with_cell, table, name, args.out, where, args.metric, baseline,
                                     comparisons)

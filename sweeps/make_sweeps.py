@@ -10,6 +10,7 @@ run.py turns `--grid NAME --cell ID` into the cell's preset and settings. The ag
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import yaml
@@ -41,7 +42,9 @@ def render(sweep: dict) -> str:
     return yaml.safe_dump(sweep, sort_keys=False, width=120)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(prog="sweeps/make_sweeps.py", description=__doc__, allow_abbrev=False,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     for path in sorted(GRID_DIR.glob("*.yaml")):
         target = SWEEP_DIR / f"{path.stem}.yaml"
         target.write_text(render(sweep_for_grid(path.stem)))

@@ -22,11 +22,11 @@ import sys
 from pathlib import Path
 
 import optuna
-from rich.console import Console
 
 from danet.cli import build_parser as run_parser
 from danet.cli import explicit_settings
 from danet.config import UsageError
+from danet.console import stderr_console
 from danet.processes import run_together, visible_gpus
 from danet.studies import grid_spec, open_study_storage, run_worker, search_spec, study_summary
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds between heartbeats on sqlite/postgresql storage; a worker silent for 3 of "
                              "them is declared dead and its trial retried (default: 60)")
     args = parser.parse_args(own_flags)
-    console = Console(stderr=True)
+    console = stderr_console()
     if args.search and args.n_trials is None:
         parser.error("--search needs --n-trials")
 

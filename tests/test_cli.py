@@ -1,4 +1,7 @@
 import dataclasses
+import os
+import subprocess
+import sys
 import typing
 
 import pytest
@@ -7,7 +10,7 @@ from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
 from danet.cli import build_parser, parse_float_list
 from danet.config import SECTIONS, RunConfig, UsageError, resolve_for_dataset
-from tests.conftest import PRESETS, resolve, run_cli, tiny_flags
+from tests.conftest import PRESETS, REPO, resolve, run_cli, tiny_flags
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -127,12 +130,47 @@ def test_float_lists_accept_the_forms_people_and_agents_write():
     assert parse_float_list("1.0") == [1.0]
 
 
-def test_print_config_shows_the_resolved_config(tmp_path, capsys):
+def test_print_config_shows_the_resolved_config_without_data_or_weights(tmp_path, capsys):
     assert run_cli(tiny_flags(tmp_path, "--print-config", "--no-cam")) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["cam"] is False and printed["model"]["num_classes"] == 5
-    assert RunConfig.from_dict(printed).model.num_classes == 5
-    assert not any(tmp_path.iterdir()) if tmp_path.exists() else True
+    assert printed["model"]["cam"] is False and printed["model"]["num_classes"] == 0  # from the dataset, at run time
+    assert RunConfig.from_dict(printed) == resolve(tiny_flags(tmp_path, "--no-cam"))
+    assert not any(tmp_path.iterdir())
+    # a Cityscapes preset with ImageNet weights, on a machine with neither: still printed
+    assert run_cli(["--config", "cityscapes_table1", "--data-root", str(tmp_path / "nowhere"), "--epochs", "3",
+                    "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["weights"] == "imagenet" and printed["train"]["epochs"] == 3  # as given
+
+
+def test_help_shows_the_defaults_of_the_preset_that_will_run_and_needs_no_torch():
+    script = ("import sys\nfrom danet.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+              "print('torch imported' if 'torch' in sys.modules else 'no torch')")
+
+    def help_of(*argv):
+        result = subprocess.run([sys.executable, "-c", script, *argv, "--help"], cwd=REPO, capture_output=True,
+                                text=True, env=dict(os.environ, COLUMNS="200"), timeout=60)
+        return result.stdout
+
+    demo = help_of()
+    assert demo.rstrip().endswith("no torch")
+    assert "(default: resnet18, from preset demo)" in demo and "(default: 500, from preset demo)" in demo
+    flat = " ".join(demo.split())
+    assert "(default: )" not in flat and "(1.0,)" not in flat
+    assert "test scales, e.g. 0.5,0.75,1.0 (probabilities averaged) (default: 1.0)" in flat
+    assert "(default: none)" in flat  # an empty string, e.g. --data-root
+    camvid = help_of("--config", "camvid_cpu")
+    assert "(default: 0.02, from preset camvid_cpu)" in camvid and "(default: disabled, from preset camvid_cpu)" in camvid
+    grid = help_of("--grid", "camvid_cpu_controlled", "--cell", "pam-cam_seed=0")
+    assert "(default: 300, from preset camvid_cpu)" in grid
+
+
+def test_make_sweeps_help_writes_nothing():
+    before = {path: path.stat().st_mtime_ns for path in (REPO / "sweeps").glob("*.yaml")}
+    result = subprocess.run([sys.executable, str(REPO / "sweeps" / "make_sweeps.py"), "--help"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith("usage: sweeps/make_sweeps.py")
+    assert {path: path.stat().st_mtime_ns for path in (REPO / "sweeps").glob("*.yaml")} == before
 
 
 def test_dry_run_builds_everything_and_writes_nothing(tmp_path, capsys):

@@ -39,6 +39,7 @@ def test_rank_slices_of_the_global_batch_cover_it_exactly():
     assert not from_environment({}).enabled
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     single, double = tmp_path / "single", tmp_path / "double"
     assert run_cli(tiny_flags(single, *SETTINGS)) == 0
@@ -76,6 +77,7 @@ def _rank_pids(parent_pid):
     return pids
 
 
+@pytest.mark.slow
 def test_resume_under_two_processes_ends_like_an_uninterrupted_run(tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     longer = ("--iterations", "120", "--checkpoint-every", "5", "--eval-every", "60", "--synthetic-train-images", "16")
@@ -97,6 +99,7 @@ def test_resume_under_two_processes_ends_like_an_uninterrupted_run(tmp_path):
     assert summary_of(killed)["per_class_iou"] == summary_of(reference)["per_class_iou"]
 
 
+@pytest.mark.slow
 def test_a_dying_rank_stops_the_job_and_the_record_says_failed(tmp_path):
     runs = tmp_path / "runs"
     process = _torchrun(runs, "--iterations", "400", "--checkpoint-every", "4", "--synthetic-train-images", "16")
@@ -111,6 +114,7 @@ def test_a_dying_rank_stops_the_job_and_the_record_says_failed(tmp_path):
     assert "continue with --resume" in summary["reason"] or "another rank" in summary["reason"]
 
 
+@pytest.mark.slow
 def test_an_optuna_worker_runs_each_trial_as_a_torchrun_job(tmp_path):
     import optuna
     import yaml

@@ -90,6 +90,7 @@ def test_bad_inputs_exit_2_with_one_line_naming_the_thing(tmp_path, trained, cam
     assert summary_of(runs)["status"] == "complete"  # evaluation never touches the run's own record
 
 
+@pytest.mark.slow
 def test_a_grid_study_evaluates_each_cell_after_it_trains(tmp_path):
     grid = tmp_path / "tta.yaml"
     grid.write_text(yaml.safe_dump({

@@ -50,6 +50,7 @@ def _journal_study(path, name):
     return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(path))))
 
 
+@pytest.mark.slow
 def test_grid_study_with_two_workers_runs_every_cell_exactly_once_and_restarts_cleanly(tmp_path):
     runs = tmp_path / "runs"
     process = _driver("--grid", "demo", "--study", "demo", "--workers", "2", "--", *_tiny_run_flags(runs), cwd=tmp_path)
@@ -71,6 +72,7 @@ def test_grid_study_with_two_workers_runs_every_cell_exactly_once_and_restarts_c
     assert "| study demo: 8/8 cells complete, 0 running, 0 failed" in output  # the progress line after each trial
 
 
+@pytest.mark.slow
 def test_failed_trials_are_recorded_with_the_reason(tmp_path):
     grid = tmp_path / "one.yaml"
     grid.write_text(yaml.safe_dump({"preset": "demo", "design": "as-released", "blocks": [
@@ -88,6 +90,7 @@ def test_failed_trials_are_recorded_with_the_reason(tmp_path):
     assert "fail: non-finite loss at iteration" in output and "0/1 cells complete, 0 running, 1 failed" in output
 
 
+@pytest.mark.slow
 def test_search_trials_report_val_miou_and_can_be_pruned(tmp_path):
     search = tmp_path / "search.yaml"
     search.write_text(yaml.safe_dump({"method": "bayes", "parameters": {
@@ -121,6 +124,7 @@ def test_sqlite_refuses_parallel_workers():
     assert grid_spec("demo", GRIDS).space == {"cell": list(load_grid("demo", GRIDS).cells)}
 
 
+@pytest.mark.slow
 def test_postgres_two_workers_share_the_grid_exactly_once(tmp_path, postgres_url):
     runs = tmp_path / "runs"
     study = f"pg-{uuid.uuid4().hex[:8]}"
@@ -135,6 +139,7 @@ def test_postgres_two_workers_share_the_grid_exactly_once(tmp_path, postgres_url
     assert {trial.params["cell"] for trial in trials} == set(load_grid("demo", GRIDS).cells)
 
 
+@pytest.mark.slow
 def test_postgres_killed_worker_trial_is_retried_and_the_grid_completes(tmp_path, postgres_url):
     runs = tmp_path / "runs"
     study = f"pg-kill-{uuid.uuid4().hex[:8]}"
@@ -163,6 +168,7 @@ def test_postgres_killed_worker_trial_is_retried_and_the_grid_completes(tmp_path
     _assert_grid_done_exactly_once(runs)
 
 
+@pytest.mark.slow
 def test_optunas_own_tools_read_the_study(tmp_path):
     """The storage strings are Optuna's own: its CLI and optuna-dashboard read the study, and so do our reports."""
     import urllib.request
@@ -244,3 +250,29 @@ def test_other_storage_strings_are_one_line_usage_errors(text):
 
     with pytest.raises(UsageError, match="expected a database URL .* or a journal file path ending in .journal"):
         storage_kind(text)
+
+
+@pytest.mark.slow
+def test_a_preempted_worker_offers_its_cell_again_and_the_next_worker_resumes_it(tmp_path):
+    grid = tmp_path / "one.yaml"
+    grid.write_text(yaml.safe_dump({"preset": "demo", "design": "as-released", "blocks": [
+        {"axes": {"seed": [0]}, "cells": {"fcn": {"pam": False, "cam": False}}}]}))
+    runs = tmp_path / "runs"
+    flags = _tiny_run_flags(runs, "--iterations", "400", "--checkpoint-every", "1000", "--eval-every", "0")
+    first = _driver("--grid", str(grid), "--study", "pre", "--", *flags, cwd=tmp_path)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(path.stat().st_size for path in runs.glob("*/metrics.jsonl")):
+        time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)
+    output, _ = first.communicate(timeout=120)
+    assert _records(runs)[0]["status"] == "preempted", output
+    trials = _journal_study(tmp_path / "optuna" / "pre.journal", "pre").trials
+    assert [trial.state for trial in trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
+    assert trials[1].user_attrs["retry_of"] == 0 and trials[1].params == trials[0].params
+
+    again = _driver("--grid", str(grid), "--study", "pre", "--", *flags, cwd=tmp_path)
+    output, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, output
+    record, = _records(runs)
+    assert record["status"] == "complete" and record["iterations"] == 400
+    assert "study pre: 1 complete, 0 failed" in output

@@ -15,6 +15,7 @@ RESULTS = REPO / "results" / "camvid_cpu"
 CAMVID_CLASSES = 11
 
 
+@pytest.mark.slow
 def test_committed_records_are_cells_of_the_grid_under_the_current_preset():
     runs = read_run_store(RESULTS / "runs")
     assert (runs["status"] == "complete").all(), runs.loc[runs["status"] != "complete", "run_id"].tolist()
@@ -26,6 +27,7 @@ def test_committed_records_are_cells_of_the_grid_under_the_current_preset():
     assert runs["cell_hash"].is_unique
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("results", [RESULTS, REPO / "results" / "camvid_gpu"], ids=lambda path: path.name)
 def test_published_table_rebuilds_from_the_committed_records(results, tmp_path):
     assert make_tables.main(["--runs-dir", str(results / "runs"), "--out", str(tmp_path), "--no-figures"]) == 0

@@ -59,6 +59,7 @@ def test_an_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
     assert run_cli(tiny_flags(runs, "--overwrite")) == 0
 
 
+@pytest.mark.slow
 def test_camvid_and_cityscapes_layouts_train_end_to_end(tmp_path, camvid_tree, cityscapes_tree):
     for dataset, root, classes in (("camvid", camvid_tree, 11), ("cityscapes", cityscapes_tree, 19)):
         runs = tmp_path / f"runs_{dataset}"
@@ -117,6 +118,7 @@ def _subprocess_run(flags, **kwargs):
                             env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_at_once_to_exactly_the_same_metrics(tmp_path):
     # DataLoader workers (forked after the run takes its lock) outlive a SIGKILLed parent for a few
     # seconds: the lock must not live on in them, so --resume right away (no sleep) must train.
@@ -143,6 +145,7 @@ def test_sigkilled_run_resumes_at_once_to_exactly_the_same_metrics(tmp_path):
     assert comparable(_events(only_run_dir(killed_runs))) == comparable(_events(only_run_dir(reference_runs)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_a_stop_signal_checkpoints_records_preempted_and_resumes_exactly(tmp_path, signum):
     settings = ("--iterations", "300", "--checkpoint-every", "1000", "--eval-every", "0", "--synthetic-train-images",
@@ -173,3 +176,21 @@ def test_wandb_offline_writes_its_run_directory(tmp_path, monkeypatch):
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
     assert summary_of(runs)["wandb_id"] in offline[0].name
+
+
+@pytest.mark.slow
+def test_each_validation_says_one_line_and_output_without_a_terminal_is_not_wrapped(tmp_path):
+    runs = tmp_path / ("a-folder-name-long-enough-that-rich-would-have-wrapped-the-record-path-at-eighty-columns" * 2)
+    quiet = _subprocess_run(tiny_flags(runs / "quiet"))
+    _, stderr = quiet.communicate(timeout=300)
+    assert quiet.returncode == 0, stderr
+    assert "iteration 2/4: val mIoU " in stderr and "(best so far " in stderr
+    assert "iteration 4/4: final whole val mIoU " in stderr
+
+    flags = [flag for flag in tiny_flags(runs / "loud") if flag != "--quiet"]
+    loud = _subprocess_run(flags)
+    _, stderr = loud.communicate(timeout=300)
+    assert loud.returncode == 0, stderr
+    run_dir = only_run_dir(runs / "loud")
+    assert f"record: {run_dir} (summary.json: the numbers above; metrics.jsonl: the curves)" in stderr.splitlines()
+    assert any(line.startswith("iteration 2/4: val mIoU ") for line in stderr.splitlines())

@@ -112,6 +112,7 @@ def _agent_argv(sweep: dict, params: dict) -> list[str]:
     return [part for item in command for part in (args if item == "${args}" else [item])]
 
 
+@pytest.mark.slow
 def test_agent_command_lines_run_the_right_cells_for_real(tmp_path):
     sweep = yaml.safe_load((REPO / "sweeps" / "demo.yaml").read_text())
     runs = tmp_path / "runs"
@@ -148,6 +149,7 @@ def test_a_run_held_by_another_process_is_not_trained_twice(tmp_path, capsys):
     assert run_cli(tiny_flags(runs)) == 0  # released
 
 
+@pytest.mark.slow
 def test_agents_start_one_per_gpu_and_stop_on_ctrl_c(tmp_path):
     stand_in = tmp_path / "agent.py"
     stand_in.write_text("import os, sys, time\n"
