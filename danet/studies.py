@@ -115,24 +115,29 @@ def sweep_sampler(method: str, space: dict[str, Any], where: str) -> optuna.samp
 
 
 def sweep_pruner(early_terminate: dict[str, Any] | None, where: str) -> optuna.pruners.BasePruner:
-    """W&B's `early_terminate: {type: hyperband, ...}` as Optuna's HyperbandPruner, with W&B's default eta (3).
+    """W&B's `early_terminate: {type: hyperband, ...}` in Optuna.
 
-    Trials report the metric's values at steps 0, 1, 2, ... (their positions in the run's history, as W&B
-    counts them), so the first rung is W&B's first band: the value at position min_iter.
+    W&B's "hyperband" is one bracket of asynchronous successive halving: at bands min_iter * eta^k (positions
+    in a run's history of the metric), a run is stopped unless it is in the top 1/eta of the runs that reached
+    the band. That is Optuna's SuccessiveHalvingPruner with min_early_stopping_rate 0 when trials report the
+    values at steps 0, 1, 2, ... Optuna's HyperbandPruner is not: it spreads trials over several brackets, and
+    with no max_resource it neither prunes nor records rung values until a trial completes, so the second run
+    of a sweep could never be stopped.
     """
     if not early_terminate:
         return optuna.pruners.NopPruner()
     if early_terminate.get("type") != "hyperband":
         raise UsageError(f"{where}: early_terminate type must be hyperband, not {early_terminate.get('type')!r}")
-    eta = int(early_terminate.get("eta", 3))
+    eta = int(early_terminate.get("eta", 3))  # W&B's default
     if "min_iter" in early_terminate:
-        return optuna.pruners.HyperbandPruner(min_resource=int(early_terminate["min_iter"]), reduction_factor=eta)
-    if "max_iter" in early_terminate and "s" in early_terminate:
-        # W&B's other form: s bands counted down from max_iter by factors of eta; the smallest is the first rung
-        max_iter = int(early_terminate["max_iter"])
-        first = max(1, int(max_iter / eta ** int(early_terminate["s"])))
-        return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=max_iter, reduction_factor=eta)
-    raise UsageError(f"{where}: early_terminate hyperband needs min_iter, or max_iter and s")
+        first_band = int(early_terminate["min_iter"])
+    elif "max_iter" in early_terminate and "s" in early_terminate:
+        # W&B's other form: s bands counted down from max_iter by factors of eta; the smallest is the first
+        first_band = max(1, int(int(early_terminate["max_iter"]) / eta ** int(early_terminate["s"])))
+    else:
+        raise UsageError(f"{where}: early_terminate hyperband needs min_iter, or max_iter and s")
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=first_band, reduction_factor=eta,
+                                                  min_early_stopping_rate=0)
 
 
 def suggest_params(trial: optuna.Trial, space: dict[str, Any]) -> dict[str, Any]:
