@@ -71,28 +71,100 @@ def grid_spec(grid_name: str, grid_dir: Path) -> StudySpec:
                      tuple(grid.evaluations), varying)
 
 
+def sweep_parameters(parameters: dict[str, Any], where: str) -> dict[str, Any]:
+    """A W&B sweep file's `parameters` as Optuna sees them: a fixed value, or a distribution.
+
+    Without `distribution`, W&B infers one from min/max: int_uniform when both are integers, else uniform.
+    """
+    space: dict[str, Any] = {}
+    for name, spec in parameters.items():
+        distribution = spec.get("distribution")
+        if distribution is None and "min" in spec and "max" in spec:
+            integers = isinstance(spec["min"], int) and isinstance(spec["max"], int)
+            distribution = "int_uniform" if integers else "uniform"
+        if "value" in spec:
+            space[name] = spec["value"]
+        elif "values" in spec:
+            space[name] = optuna.distributions.CategoricalDistribution(spec["values"])
+        elif distribution in ("log_uniform_values", "uniform"):
+            space[name] = optuna.distributions.FloatDistribution(
+                spec["min"], spec["max"], log=distribution == "log_uniform_values")
+        elif distribution == "int_uniform":
+            space[name] = optuna.distributions.IntDistribution(spec["min"], spec["max"])
+        else:
+            raise UsageError(f"{where}: parameter {name} has a form this driver does not read: {spec} (it reads value, "
+                             "values, and min/max with uniform, log_uniform_values or int_uniform)")
+    return space
+
+
 def search_spec(name_or_path: str, sweep_dir: Path) -> StudySpec:
     """A search space from a W&B sweep file (the same file W&B agents use), by path or name in sweep_dir."""
     search_path = find_yaml(name_or_path, sweep_dir, "--search")
     sweep = yaml.safe_load(search_path.read_text())
-    space: dict[str, Any] = {}
-    preset = "demo"
-    for name, spec in sweep["parameters"].items():
-        if "value" in spec:
-            if name == "config":
-                preset = spec["value"]
-            elif name != "wandb":  # W&B's sweep runs report online; Optuna's take --wandb from the run flags
-                space[name] = spec["value"]
-        elif "values" in spec:
-            space[name] = optuna.distributions.CategoricalDistribution(spec["values"])
-        elif spec.get("distribution") in ("log_uniform_values", "uniform"):
-            space[name] = optuna.distributions.FloatDistribution(
-                spec["min"], spec["max"], log=spec["distribution"] == "log_uniform_values")
-        elif spec.get("distribution") == "int_uniform":
-            space[name] = optuna.distributions.IntDistribution(spec["min"], spec["max"])
-        else:
-            raise UsageError(f"{search_path}: parameter {name} has a form this driver does not read: {spec}")
+    space = sweep_parameters(sweep["parameters"], str(search_path))
+    fixed = {name: value for name, value in space.items() if not isinstance(value, optuna.distributions.BaseDistribution)}
+    preset = fixed.get("config", "demo")
+    # the preset is the trial's base; W&B's sweep runs report online, Optuna's take --wandb from the run flags
+    space = {name: value for name, value in space.items() if name not in fixed or name not in ("config", "wandb")}
     return StudySpec("search", search_path.stem, str(search_path), preset, space, {})
+
+
+def sweep_sampler(method: str, space: dict[str, Any], where: str) -> optuna.samplers.BaseSampler:
+    """W&B's search methods in Optuna: grid over the same values, random, and bayes as a Gaussian process."""
+    if method == "grid":
+        grid = {}
+        for name, value in space.items():
+            if isinstance(value, optuna.distributions.CategoricalDistribution):
+                grid[name] = list(value.choices)
+            elif isinstance(value, optuna.distributions.IntDistribution):  # W&B's grid enumerates int_uniform
+                grid[name] = list(range(value.low, value.high + 1))
+            elif isinstance(value, optuna.distributions.FloatDistribution):
+                raise UsageError(f"{where}: method grid needs values for parameter {name}, not a continuous range")
+        return optuna.samplers.GridSampler(grid)
+    if method == "random":
+        return optuna.samplers.RandomSampler()
+    if method == "bayes":
+        return optuna.samplers.GPSampler(n_startup_trials=2)  # W&B's bayes fits its GP once two runs have results
+    raise UsageError(f"{where}: method must be grid, random or bayes, not {method!r}")
+
+
+def sweep_pruner(early_terminate: dict[str, Any] | None, where: str) -> optuna.pruners.BasePruner:
+    """W&B's `early_terminate: {type: hyperband, ...}` in Optuna.
+
+    W&B's "hyperband" is one bracket of asynchronous successive halving: at bands min_iter * eta^k (positions
+    in a run's history of the metric), a run is stopped unless it is in the top 1/eta of the runs that reached
+    the band. That is Optuna's SuccessiveHalvingPruner with min_early_stopping_rate 0 when trials report the
+    values at steps 0, 1, 2, ... Optuna's HyperbandPruner is not: it spreads trials over several brackets, and
+    with no max_resource it neither prunes nor records rung values until a trial completes, so the second run
+    of a sweep could never be stopped.
+    """
+    if not early_terminate:
+        return optuna.pruners.NopPruner()
+    if early_terminate.get("type") != "hyperband":
+        raise UsageError(f"{where}: early_terminate type must be hyperband, not {early_terminate.get('type')!r}")
+    eta = int(early_terminate.get("eta", 3))  # W&B's default
+    if "min_iter" in early_terminate:
+        first_band = int(early_terminate["min_iter"])
+    elif "max_iter" in early_terminate and "s" in early_terminate:
+        # W&B's other form: s bands counted down from max_iter by factors of eta; the smallest is the first
+        first_band = max(1, int(int(early_terminate["max_iter"]) / eta ** int(early_terminate["s"])))
+    else:
+        raise UsageError(f"{where}: early_terminate hyperband needs min_iter, or max_iter and s")
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=first_band, reduction_factor=eta,
+                                                  min_early_stopping_rate=0)
+
+
+def suggest_params(trial: optuna.Trial, space: dict[str, Any]) -> dict[str, Any]:
+    """The trial's values of the space's distributions (fixed values are not parameters)."""
+    params = {}
+    for name, value in space.items():
+        if isinstance(value, optuna.distributions.CategoricalDistribution):
+            params[name] = trial.suggest_categorical(name, value.choices)
+        elif isinstance(value, optuna.distributions.FloatDistribution):
+            params[name] = trial.suggest_float(name, value.low, value.high, log=value.log)
+        elif isinstance(value, optuna.distributions.IntDistribution):
+            params[name] = trial.suggest_int(name, value.low, value.high)
+    return params
 
 
 def retry_dead_worker_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -102,7 +174,16 @@ def retry_dead_worker_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial
     and its successor is experimental.)"""
     retries = trial.user_attrs.get("retries", 0)
     if retries < MAX_RETRIES:
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "retries": retries + 1})
+        requeue(study, trial, retry_of=trial.number, retries=retries + 1)
+
+
+def requeue(study: optuna.Study, trial: optuna.Trial | optuna.trial.FrozenTrial, **user_attrs: Any) -> None:
+    """Propose a trial's parameters again (a waiting trial), so that the next worker takes that cell
+    first and resumes it. As Optuna's retry callback does, the copied system attributes keep
+    GridSampler's grid point (enqueue_trial would not)."""
+    study.add_trial(optuna.create_trial(state=TrialState.WAITING, params=trial.params,
+                                        distributions=trial.distributions, system_attrs=dict(trial.system_attrs),
+                                        user_attrs=user_attrs))
 
 
 def open_study_storage(text: str | None, study: str, workers: int, heartbeat: int) -> optuna.storages.BaseStorage:
@@ -155,15 +236,7 @@ class Objective:
     def _suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         if self.spec.mode == "grid":
             return {"cell": trial.suggest_categorical("cell", self.spec.space["cell"])}
-        params = {}
-        for name, value in self.spec.space.items():
-            if isinstance(value, optuna.distributions.CategoricalDistribution):
-                params[name] = trial.suggest_categorical(name, value.choices)
-            elif isinstance(value, optuna.distributions.FloatDistribution):
-                params[name] = trial.suggest_float(name, value.low, value.high, log=value.log)
-            elif isinstance(value, optuna.distributions.IntDistribution):
-                params[name] = trial.suggest_int(name, value.low, value.high)
-        return params
+        return suggest_params(trial, self.spec.space)
 
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("host", socket.gethostname())
@@ -197,7 +270,7 @@ class Objective:
         trial.set_user_attr("cell_hash", prepared.cfg.cell_hash())
         if outcome.status == STATUS_PREEMPTED:  # this worker was asked to stop: offer the cell again, then stop
             trial.set_user_attr("reason", outcome.summary.get("reason", STATUS_PREEMPTED))
-            trial.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            requeue(trial.study, trial, retry_of=trial.number)
             trial.study.stop()
             raise RuntimeError(f"preempted, queued again: {outcome.summary.get('reason')}")
         if outcome.status == STATUS_PRUNED:

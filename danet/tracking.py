@@ -114,6 +114,29 @@ class RunLock:
         self.handle.close()
 
 
+def run_lock(run_dir: Path) -> RunLock | None:
+    """The lock of the run in run_dir (RUNS_DIR/.locks/<run-id>.lock), or None when another process holds it."""
+    return RunLock.acquire(run_dir.parent / ".locks" / f"{run_dir.name}.lock")
+
+
+def mark_pruned(run_dir: Path, reason: str) -> bool:
+    """Record a run that a sweep stopped (SIGTERM: it checkpointed and said preempted) as pruned, with the reason.
+
+    Done under the run's lock, once its process has ended; False when the record is not a preempted one
+    (it finished before the signal landed, or another process holds it again).
+    """
+    lock = run_lock(run_dir)
+    if lock is None:
+        return False
+    with lock:
+        summary = read_summary(run_dir)
+        if summary is None or summary.get("status") != STATUS_PREEMPTED:
+            return False
+        summary.update(status=STATUS_PRUNED, reason=reason)
+        atomic_write_text(run_dir / "summary.json", json.dumps(json_safe(summary), indent=2) + "\n")
+    return True
+
+
 class RunStore:
     """runs/<run-id>/: config.yaml, metrics.jsonl (one JSON object per event), summary.json,
     checkpoints/. summary.json says running, complete or failed (with the reason)."""
@@ -127,7 +150,7 @@ class RunStore:
 
     def lock(self) -> RunLock | None:
         """Hold this run for this process, or None when another process holds it."""
-        return RunLock.acquire(self.dir.parent / ".locks" / f"{self.dir.name}.lock")
+        return run_lock(self.dir)
 
     def previous_summary(self) -> dict[str, Any] | None:
         return read_summary(self.dir)
