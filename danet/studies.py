@@ -60,6 +60,7 @@ class StudySpec:
     cells: dict[str, dict[str, Any]]  # grid cells; empty for searches
     evaluations: tuple[Evaluation, ...] = ()  # the grid's protocols to run on each trained cell
     varying: tuple[str, ...] = ()  # the settings that differ between the grid's cells (trial user attributes)
+    early_terminate: dict[str, Any] | None = None  # a search file's W&B early termination (hyperband)
 
 
 def grid_spec(grid_name: str, grid_dir: Path) -> StudySpec:
@@ -101,12 +102,17 @@ def search_spec(name_or_path: str, sweep_dir: Path) -> StudySpec:
     """A search space from a W&B sweep file (the same file W&B agents use), by path or name in sweep_dir."""
     search_path = find_yaml(name_or_path, sweep_dir, "--search")
     sweep = yaml.safe_load(search_path.read_text())
+    if "blocks" in sweep or "grid" in (sweep.get("parameters") or {}):
+        grid = (sweep.get("parameters") or {}).get("grid", {}).get("value", search_path.stem)
+        raise UsageError(f"--search {search_path} is a grid (its cells are runs, not a search space): "
+                         f"run it with --grid {grid}")
     space = sweep_parameters(sweep["parameters"], str(search_path))
     fixed = {name: value for name, value in space.items() if not isinstance(value, optuna.distributions.BaseDistribution)}
     preset = fixed.get("config", "demo")
     # the preset is the trial's base; W&B's sweep runs report online, Optuna's take --wandb from the run flags
     space = {name: value for name, value in space.items() if name not in fixed or name not in ("config", "wandb")}
-    return StudySpec("search", search_path.stem, str(search_path), preset, space, {})
+    return StudySpec("search", search_path.stem, str(search_path), preset, space, {},
+                     early_terminate=sweep.get("early_terminate"))
 
 
 def sweep_sampler(method: str, space: dict[str, Any], where: str) -> optuna.samplers.BaseSampler:
@@ -253,8 +259,13 @@ class Objective:
         for name in self.spec.varying:  # so that trials can be sliced by setting in Optuna's tools
             trial.set_user_attr(name, getattr(getattr(prepared.cfg, field_section(name)), name))
 
+        validations = 0
+
         def report(iteration: int, miou: float) -> None:
-            trial.report(miou, iteration)
+            nonlocal validations
+            # W&B's hyperband bands count logged values; Optuna's own pruners see iterations
+            trial.report(miou, validations if self.spec.early_terminate else iteration)
+            validations += 1
             if self.spec.mode == "search" and trial.should_prune():
                 raise StopRun(f"pruned by Optuna at iteration {iteration} (val mIoU {miou:.4f})")
 
@@ -324,15 +335,18 @@ class ProgressLine:
 
 
 def run_worker(spec: StudySpec, storage: optuna.storages.BaseStorage, study_name: str, n_trials: int | None,
-               overrides: dict[str, dict[str, Any]], preset_dir: Path, pruner: str, console: Console,
+               overrides: dict[str, dict[str, Any]], preset_dir: Path, pruner: str | None, console: Console,
                processes_per_trial: int = 1, run_flags: tuple[str, ...] = ()) -> optuna.Study:
     if spec.mode == "grid":
         sampler: optuna.samplers.BaseSampler = optuna.samplers.GridSampler(spec.space)
         pruner_object: optuna.pruners.BasePruner = optuna.pruners.NopPruner()
     else:
         sampler = optuna.samplers.TPESampler()
-        pruner_object = (optuna.pruners.HyperbandPruner() if pruner == "hyperband"
-                         else optuna.pruners.MedianPruner(n_startup_trials=3))
+        if pruner is None and spec.early_terminate:  # the YAML's own hyperband, as W&B runs it
+            pruner_object = sweep_pruner(spec.early_terminate, spec.source)
+        else:
+            pruner_object = (optuna.pruners.HyperbandPruner() if pruner == "hyperband"
+                             else optuna.pruners.MedianPruner(n_startup_trials=3))
     study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner_object,
                                 direction="maximize", load_if_exists=True)
     with warnings.catch_warnings():  # experimental in Optuna 5; used deliberately, so that tools show the name

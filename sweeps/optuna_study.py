@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-trials", type=int, default=None,
                         help="total trials across workers (default: the whole grid; required for --search)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default: 1)")
-    parser.add_argument("--pruner", choices=["median", "hyperband"], default="median",
-                        help="pruner of --search studies, fed by the periodic val mIoU (default: median)")
+    parser.add_argument("--pruner", choices=["median", "hyperband"], default=None,
+                        help="pruner of --search studies, fed by the periodic val mIoU (default: the file's "
+                             "early_terminate, W&B's hyperband as one bracket of successive halving; else median)")
     parser.add_argument("--nproc-per-trial", type=int, default=1,
                         help="run each trial as `torchrun --nproc_per_node=N` (several GPUs per trial; no pruning)")
     parser.add_argument("--heartbeat", type=int, default=60,
