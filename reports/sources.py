@@ -19,7 +19,8 @@ RESULT_COLUMNS = ("status", "reason", "final_miou", "best_miou", "final_pixel_ac
 IOU_PREFIX = "IoU/"
 UNREADABLE = "unreadable"
 # Config fields added after records were committed: a record without one ran with its default.
-# A missing design is not a default: those records were made before grids declared one.
+# A missing or empty design is not a default: records made before grids declared one, or runs
+# launched outside any grid.
 FIELD_DEFAULTS = {"head": "danet", "aux_branches": "attention", "deterministic": False, "grid": "", "grid_cell": "",
                   "design": "not recorded"}
 MACHINE_NOT_RECORDED = "machine not recorded"
@@ -34,6 +35,7 @@ def flatten_config(config: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for values in config.values():
         for name, value in values.items():
             row[name] = tuple(value) if isinstance(value, list) else value
+    row["design"] = row["design"] or FIELD_DEFAULTS["design"]  # "": a run launched outside any grid
     return row
 
 

@@ -20,12 +20,12 @@ import sys
 from pathlib import Path
 
 import optuna
-from rich.console import Console
 
 from danet.cli import OneLineErrorParser
 from danet.config import UsageError
+from danet.console import stderr_console
 from danet.local_sweep import load_sweep, run_executor
-from danet.studies import open_storage
+from danet.studies import open_study_storage
 
 
 def stop_on_sigterm(signum, frame) -> None:
@@ -45,15 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-dir", default=None, help="records folder of every run (default: the runs' own, runs)")
     parser.add_argument("--study", default=None, help="the study that holds the sweep (default: the file's name)")
     parser.add_argument("--storage", default=None,
-                        help="journal:PATH (default optuna/STUDY.journal), sqlite:///FILE or postgresql://...")
+                        help="a journal file PATH.journal (default: optuna/STUDY.journal), sqlite:///FILE.db or "
+                             "postgresql://USER:PW@HOST/DB: the strings Optuna's own tools take")
     args = parser.parse_args(own_flags)
     if args.count is not None and args.count < 1:
         parser.error("--count must be at least 1")
-    console = Console(stderr=True)
+    console = stderr_console()
     try:
         sweep = load_sweep(args.sweep)
         study = args.study or sweep.name
-        storage = open_storage(args.storage, study, workers=1, heartbeat=60)
+        storage = open_study_storage(args.storage, study, workers=1, heartbeat=60)
         flags = (["--runs-dir", args.runs_dir] if args.runs_dir else []) + run_flags
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         previous = signal.signal(signal.SIGTERM, stop_on_sigterm)

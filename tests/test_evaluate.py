@@ -78,6 +78,7 @@ def test_bad_inputs_exit_2_with_one_line_naming_the_thing(tmp_path, trained, cam
     camvid = tiny_flags(runs, "--dataset", "camvid", "--data-root", str(camvid_tree), "--iterations", "2",
                         "--eval-every", "0")
     assert run_cli(camvid) == 0
+    capsys.readouterr()  # the run's own lines
     run_dir = only_run_dir(runs)
     assert "no CamVid split 'test'" in error_of([str(run_dir), "--split", "test"])
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)

@@ -138,7 +138,7 @@ def test_usage_errors_are_one_line_and_exit_2(tmp_path, capsys, fields, message)
 def test_a_program_missing_from_the_working_directory_is_a_usage_error(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = _sweep_file(tmp_path, method="grid", parameters={"seed": {"values": [0]}})
-    assert local_sweep.main([str(path), "--storage", f"journal:{tmp_path / 's.journal'}"]) == 2
+    assert local_sweep.main([str(path), "--storage", str(tmp_path / "s.journal")]) == 2
     assert "program ablations/run.py not found from" in capsys.readouterr().err
 
 
@@ -203,7 +203,7 @@ def test_mark_pruned_turns_a_stopped_run_into_a_pruned_one(tmp_path):
 @pytest.mark.slow
 def test_demo_grid_two_executors_every_cell_once_and_a_killed_executors_run_resumes(tmp_path):
     runs, journal = tmp_path / "runs", tmp_path / "demo.journal"
-    storage = ["--storage", f"journal:{journal}"]
+    storage = ["--storage", str(journal)]
     flags = tiny_flags(runs, "--iterations", "8", "--eval-every", "4")
     first = _executor(REPO / "sweeps" / "demo.yaml", *storage, run_flags=flags)
     assert wait_for_checkpoint(runs, first), first.communicate()
@@ -245,7 +245,7 @@ def test_hyperband_stops_a_tiny_run_whose_record_says_pruned(tmp_path):
     study.enqueue_trial({"lr": 0.000001})
     # 6 values of val/mIoU per run (every 2 of 12 iterations); the first band is at the 3rd value
     flags = tiny_flags(runs, "--iterations", "12", "--eval-every", "2")
-    output = _finish(_executor(sweep, "--count", "2", "--study", "hb", "--storage", f"journal:{journal}",
+    output = _finish(_executor(sweep, "--count", "2", "--study", "hb", "--storage", str(journal),
                                run_flags=flags))
     good, poor = _study(journal, "hb").trials
     assert (good.state, poor.state) == (TrialState.COMPLETE, TrialState.PRUNED), output
@@ -271,7 +271,7 @@ def test_bayes_sweep_runs_a_proposal_from_earlier_results_with_its_wandb_offline
     for lr, value in ((0.002, 0.1), (0.05, 0.9)):  # earlier results: the higher lr did better
         study.add_trial(optuna.create_trial(params={"lr": lr, "crop_size": 32}, distributions=distributions, value=value))
     flags = tiny_flags(runs, "--wandb", "offline")
-    output = _finish(_executor(sweep_path, "--count", "1", "--study", "bo", "--storage", f"journal:{journal}",
+    output = _finish(_executor(sweep_path, "--count", "1", "--study", "bo", "--storage", str(journal),
                                run_flags=flags))
     proposed = _study(journal, "bo").trials[2]
     assert proposed.state == TrialState.COMPLETE, output

@@ -18,7 +18,7 @@ from rich.console import Console
 from danet.config import UsageError
 from danet.grids import load_grid
 from danet.studies import Objective, grid_spec, open_study_storage, search_spec
-from tests.conftest import PRESETS, REPO, tiny_flags, wait_for_checkpoint
+from tests.conftest import PRESETS, REPO, load_script, tiny_flags, wait_for_checkpoint
 
 GRIDS = REPO / "ablations" / "grids"
 DRIVER = REPO / "sweeps" / "optuna_study.py"
@@ -278,14 +278,15 @@ def test_a_preempted_worker_offers_its_cell_again_and_the_next_worker_resumes_it
     assert "study pre: 1 complete, 0 failed" in output
 
 
-def test_search_files_are_searches_and_bring_their_own_early_termination(tmp_path):
+def test_search_files_are_searches_and_bring_their_own_early_termination(capsys):
     from danet.studies import sweep_pruner
 
     with pytest.raises(UsageError, match="is a grid .*: run it with --grid demo"):
         search_spec("demo", REPO / "sweeps")
-    refused = subprocess.run([sys.executable, str(DRIVER), "--search", "sweeps/demo.yaml", "--study", "x", "--n-trials",
-                              "1"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 2 and "run it with --grid demo" in refused.stderr and refused.stderr.count("\n") == 1
+    driver = load_script("sweeps/optuna_study.py")
+    assert driver.main(["--search", str(REPO / "sweeps" / "demo.yaml"), "--study", "x", "--n-trials", "1"]) == 2
+    refused = capsys.readouterr().err
+    assert "run it with --grid demo" in refused and refused.count("\n") == 1
     spec = search_spec("hparams", REPO / "sweeps")
     assert spec.early_terminate == {"type": "hyperband", "min_iter": 2, "eta": 2}
     pruner = sweep_pruner(spec.early_terminate, "hparams")  # W&B's hyperband: one bracket of successive halving

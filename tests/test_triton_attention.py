@@ -61,6 +61,7 @@ def _interpreter_checks() -> None:
         torch.testing.assert_close(candidate_grad, reference_grad, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.slow  # a subprocess under the Triton interpreter: about 10 s
 def test_triton_kernel_matches_explicit_in_values_and_gradients_under_the_interpreter():
     environment = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
     result = subprocess.run([sys.executable, "-m", "tests.test_triton_attention"], cwd=REPO, env=environment,
