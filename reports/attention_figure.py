@@ -28,6 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from danet.config import RunConfig  # noqa: E402
+from danet.data.base import rescale  # noqa: E402
 from danet.data.transforms import eval_transform  # noqa: E402
 from danet.engine import load_checkpoint  # noqa: E402
 from danet.models import build  # noqa: E402
@@ -46,10 +47,8 @@ def attention_figure(checkpoint_path: Path, image_path: Path, points: list[tuple
     model.load_state_dict(checkpoint["model"])
     model.eval()
 
-    image = np.asarray(Image.open(image_path).convert("RGB"))
-    if cfg.data.image_scale != 1.0:
-        size = (round(image.shape[1] * cfg.data.image_scale), round(image.shape[0] * cfg.data.image_scale))
-        image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    label = np.asarray(Image.open(label_path)) if label_path else None
+    image, label = rescale(np.asarray(Image.open(image_path).convert("RGB")), label, cfg.data.image_scale)
     height, width = image.shape[:2]
     points = points or [(height // 3, width // 3), (2 * height // 3, 2 * width // 3)]
     tensor = eval_transform()(image=image)["image"][None]
@@ -89,8 +88,8 @@ def attention_figure(checkpoint_path: Path, image_path: Path, points: list[tuple
     axis = axes.pop(0)
     axis.imshow(prediction, cmap="tab20", vmin=0, vmax=19, interpolation="nearest")
     axis.set_title("prediction")
-    if label_path:
-        label = np.asarray(Image.open(label_path).resize((width, height), Image.NEAREST)).astype(float)
+    if label is not None:
+        label = label.astype(float)
         label[label >= cfg.model.num_classes] = np.nan
         axes.pop(0).imshow(label, cmap="tab20", vmin=0, vmax=19, interpolation="nearest")
         figure.axes[-1].set_title("ground truth (white: ignored)")

@@ -115,3 +115,20 @@ def test_a_grid_study_evaluates_each_cell_after_it_trains(tmp_path):
         tracking = yaml.safe_load(path.read_text())["tracking"]
         assert tracking["grid"] == "tta" and tracking["design"] == "controlled"
         assert tracking["grid_cell"] in ("danet-head", "fcn-head")
+
+
+def test_an_evaluation_is_logged_to_the_w_and_b_run_it_evaluates(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    runs = tmp_path / "runs"
+    assert run_cli(tiny_flags(runs, "--iterations", "2", "--eval-every", "0", "--wandb", "offline")) == 0
+    run_dir = only_run_dir(runs)
+    wandb_id = summary_of(runs)["wandb_id"]
+    assert evaluate_script.main([str(run_dir), "--eval-flip", "--wandb", "offline"]) == 0
+    assert f"logged to W&B run {wandb_id}" in capsys.readouterr().out
+    offline = sorted((run_dir / "wandb").glob(f"offline-run-*-{wandb_id}"))
+    assert len(offline) == 2  # the training run and its resumption by the evaluation, one id
+    without = tmp_path / "plain"
+    assert run_cli(tiny_flags(without, "--iterations", "2", "--eval-every", "0")) == 0
+    capsys.readouterr()
+    assert evaluate_script.main([str(only_run_dir(without)), "--wandb", "offline"]) == 2
+    assert "has no W&B run" in capsys.readouterr().err

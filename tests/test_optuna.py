@@ -291,3 +291,14 @@ def test_search_files_are_searches_and_bring_their_own_early_termination(capsys)
     assert spec.early_terminate == {"type": "hyperband", "min_iter": 2, "eta": 2}
     pruner = sweep_pruner(spec.early_terminate, "hparams")  # W&B's hyperband: one bracket of successive halving
     assert isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner)
+
+
+def test_a_postgresql_storage_without_its_driver_names_the_extra(monkeypatch):
+    import importlib.util
+
+    from danet.storage import storage_kind
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "psycopg" else real(name, *a))
+    with pytest.raises(UsageError, match=r'PostgreSQL needs the psycopg driver: pip install -e "\.\[postgres\]"'):
+        storage_kind("postgresql://u:p@host/db")

@@ -194,3 +194,17 @@ def test_each_validation_says_one_line_and_output_without_a_terminal_is_not_wrap
     run_dir = only_run_dir(runs / "loud")
     assert f"record: {run_dir} (summary.json: the numbers above; metrics.jsonl: the curves)" in stderr.splitlines()
     assert any(line.startswith("iteration 2/4: val mIoU ") for line in stderr.splitlines())
+
+
+def test_records_say_what_they_ran_on(tmp_path):
+    runs = tmp_path / "runs"
+    assert run_cli(tiny_flags(runs, "--deterministic")) == 0
+    summary = summary_of(runs)
+    machine = summary["machine"]
+    assert machine["kind"] == "cpu" and machine["cpu_model"] and machine["threads"] == torch.get_num_threads()
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and machine["blas"]
+    assert machine["deterministic"] is True and machine["gpu_name"] is None and machine["cuda"] is None
+    config = yaml.safe_load((only_run_dir(runs) / "config.yaml").read_text())
+    assert config["train"]["deterministic"] is True
+    assert torch.are_deterministic_algorithms_enabled()
+    assert run_cli(tiny_flags(tmp_path / "again")) == 0 and not torch.are_deterministic_algorithms_enabled()

@@ -56,6 +56,17 @@ def read_label(path: Path, lut: np.ndarray, num_classes: int) -> np.ndarray:
     return mapped.astype(np.uint8)
 
 
+def rescale(image: np.ndarray, label: np.ndarray | None, scale: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """An image (bilinear) and its label (nearest) resized by `scale`: the one resize of every path
+    (training, evaluation, figures)."""
+    if scale == 1.0:
+        return image, label
+    height, width = image.shape[:2]
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return (cv2.resize(image, size, interpolation=cv2.INTER_LINEAR),
+            None if label is None else cv2.resize(label, size, interpolation=cv2.INTER_NEAREST))
+
+
 class SegmentationDataset(Dataset):
     """A list of samples plus a transform; subclasses say how to load sample `index`.
 
@@ -80,12 +91,7 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         index, seed = key if isinstance(key, tuple) else (key, 0)
-        image, label = self.load(index)
-        if self.image_scale != 1.0:
-            height, width = label.shape
-            size = (max(1, round(width * self.image_scale)), max(1, round(height * self.image_scale)))
-            image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
-            label = cv2.resize(label, size, interpolation=cv2.INTER_NEAREST)
+        image, label = rescale(*self.load(index), self.image_scale)
         self.transform.set_random_seed(seed)
         result = self.transform(image=image, mask=label)
         return result["image"], result["mask"].long()
