@@ -183,7 +183,7 @@ def retry_dead_worker_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial
         requeue(study, trial, retry_of=trial.number, retries=retries + 1)
 
 
-def requeue(study: optuna.Study, trial: optuna.Trial | optuna.trial.FrozenTrial, **user_attrs: Any) -> None:
+def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial, **user_attrs: Any) -> None:
     """Propose a trial's parameters again (a waiting trial), so that the next worker takes that cell
     first and resumes it. As Optuna's retry callback does, the copied system attributes keep
     GridSampler's grid point (enqueue_trial would not)."""
@@ -281,7 +281,8 @@ class Objective:
         trial.set_user_attr("cell_hash", prepared.cfg.cell_hash())
         if outcome.status == STATUS_PREEMPTED:  # this worker was asked to stop: offer the cell again, then stop
             trial.set_user_attr("reason", outcome.summary.get("reason", STATUS_PREEMPTED))
-            requeue(trial.study, trial, retry_of=trial.number)
+            frozen = next(past for past in trial.study.get_trials(deepcopy=False) if past.number == trial.number)
+            requeue(trial.study, frozen, retry_of=trial.number)
             trial.study.stop()
             raise RuntimeError(f"preempted, queued again: {outcome.summary.get('reason')}")
         if outcome.status == STATUS_PRUNED:
