@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print(markdown, markup=False, highlight=False)
         else:  # a 17-column table folded into a narrow terminal is unreadable: say where it is instead
             console.print(f"{name}: {len(text)} rows x {len(text.columns)} columns, too wide for this "
-                          f"{console.width}-column terminal: see {args.out / name}.md", markup=False)
+                          f"{console.width}-column terminal: see {args.out / name}.md", markup=False, highlight=False)
         if not args.no_figures and table_runs_with_cell is not None:
             written += make_figures(table_runs_with_cell, table, name, args.out, where, args.metric, baseline,
                                     comparisons)

@@ -182,6 +182,7 @@ def test_optunas_own_tools_read_the_study(tmp_path):
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output
     assert "study tools: 2 complete, 0 failed, 0 pruned, 0 running; best: fcn_seed=" in output
+    assert "Warning" not in output, output  # no deprecation or experimental-API floods on a normal run
     journal = "optuna/tools.journal"
     trial = _journal_study(tmp_path / journal, "tools").trials[0]
     assert trial.user_attrs["seed"] in (0, 1) and "run_dir" in trial.user_attrs  # sliceable by setting

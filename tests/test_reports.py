@@ -272,3 +272,18 @@ def test_table2_layout_rows_and_paper_numbers(tmp_path):
     assert table["paper"].tolist() == [77.57, 78.83, 79.94, 81.50]
     assert table["delta"].iloc[3] == pytest.approx(100 * (np.mean(rows[3][1]) - np.mean(rows[0][1])))
     assert table["p_holm"].isna().all()  # three seeds: too few for any test
+
+
+def test_a_table_too_wide_for_the_terminal_is_named_not_folded(table1_runs, tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    screen = io.StringIO()
+    monkeypatch.setattr(make_tables, "stderr_console", lambda: Console(file=screen, force_terminal=True, width=60))
+    out = tmp_path / "out"
+    assert make_tables.main(["--runs-dir", str(table1_runs), "--out", str(out), "--no-figures"]) == 0
+    shown = screen.getvalue()
+    assert "too wide for this 60-column terminal: see" in " ".join(shown.split())
+    assert f"{out / 'table1'}.md" in "".join(shown.split())
+    assert "| DANet head, no attention |" not in shown  # no folded table

@@ -1,6 +1,9 @@
-"""The published CamVid results: every committed CPU record is a complete run of a cell of the
-camvid_cpu grid under the current preset (one record per cell), and each committed table (CPU grid,
-GPU check) is what the report command rebuilds from its records."""
+"""The published CamVid results: every committed CPU record is a complete run of a cell of its
+grid (camvid_cpu, camvid_cpu_controlled) under the current preset, one record per cell, and each
+committed table (CPU grid, GPU check) is what the report command rebuilds from its records."""
+
+import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -11,24 +14,34 @@ from reports import make_tables
 from reports.sources import read_run_store
 from tests.conftest import GRIDS, REPO, resolve
 
-RESULTS = REPO / "results" / "camvid_cpu"
 CAMVID_CLASSES = 11
 
 
 @pytest.mark.slow
-def test_committed_records_are_cells_of_the_grid_under_the_current_preset():
-    runs = read_run_store(RESULTS / "runs")
+@pytest.mark.parametrize("grid, cells", [("camvid_cpu", 26), ("camvid_cpu_controlled", 40)])
+def test_committed_records_are_cells_of_the_grid_under_the_current_preset(grid, cells):
+    runs = read_run_store(REPO / "results" / grid / "runs")
     assert (runs["status"] == "complete").all(), runs.loc[runs["status"] != "complete", "run_id"].tolist()
-    grid_hashes = {resolve_for_dataset(resolve(["--grid", "camvid_cpu", "--cell", cell_id]), CAMVID_CLASSES, 46)
-                   .cell_hash() for cell_id in load_grid("camvid_cpu", GRIDS).cells}
-    assert len(grid_hashes) == 26
+    grid_hashes = {resolve_for_dataset(resolve(["--grid", grid, "--cell", cell_id]), CAMVID_CLASSES, 367)
+                   .cell_hash() for cell_id in load_grid(grid, GRIDS).cells}
+    assert len(grid_hashes) == cells
     foreign = runs.loc[~runs["cell_hash"].isin(grid_hashes), "run_id"].tolist()
     assert not foreign, f"records that are not cells of the grid under the current preset: {foreign}"
     assert runs["cell_hash"].is_unique
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("results", [RESULTS, REPO / "results" / "camvid_gpu"], ids=lambda path: path.name)
+def test_controlled_records_carry_their_grid_and_their_test_time_augmentation():
+    runs = read_run_store(REPO / "results" / "camvid_cpu_controlled" / "runs")
+    assert set(runs["design"]) == {"controlled"} and set(runs["grid"]) == {"camvid_cpu_controlled"}
+    for run_dir in runs["run_dir"]:  # each run's final checkpoint, evaluated with flip + 3 scales right after it
+        evaluation, = Path(run_dir).glob("evaluations/val-ms0.75-1-1.25-flip-*.json")
+        assert 0 < json.loads(evaluation.read_text())["miou"] < 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("results", [REPO / "results" / "camvid_cpu", REPO / "results" / "camvid_gpu"],
+                         ids=lambda path: path.name)
 def test_published_table_rebuilds_from_the_committed_records(results, tmp_path):
     assert make_tables.main(["--runs-dir", str(results / "runs"), "--out", str(tmp_path), "--no-figures"]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "table1.csv"), pd.read_csv(results / "table1.csv"))
