@@ -28,6 +28,7 @@ AUX_BRANCHES = ("attention", "all")
 PAM_IMPLS = ("fused", "explicit", "chunked", "sdpa", "triton")
 CAM_ENERGIES = ("code", "paper")
 DATASETS = ("synthetic", "camvid", "cityscapes", "voc")
+SYNTHETIC_KEYS = ("frame", "marker")
 WANDB_MODES = ("online", "offline", "disabled")
 EVAL_MODES = ("whole", "slide")
 DESIGNS = ("controlled", "as-released")
@@ -177,9 +178,13 @@ class DataConfig:
     synthetic_size: int = setting(64, "side of the synthetic images")
     synthetic_train_images: int = setting(2048, "number of synthetic training images")
     synthetic_val_images: int = setting(64, "number of synthetic validation images")
+    synthetic_key: str = setting("frame", "where the synthetic images show the key color: frame (a border) or "
+                                 "marker (one small square far from the objects; the positive control)",
+                                 IN_CELL_UNLESS_DEFAULT)
 
     def __post_init__(self) -> None:
         _require_choice("dataset", self.dataset, DATASETS)
+        _require_choice("synthetic_key", self.synthetic_key, SYNTHETIC_KEYS)
         _require(self.image_scale > 0, f"image_scale must be > 0, got {self.image_scale!r}")
         _require(self.crop_size >= 8, f"crop_size must be >= 8, got {self.crop_size!r}")
         _require(0 < self.scale_min <= self.scale_max,
@@ -406,6 +411,7 @@ def check_combinations(cfg: RunConfig, explicit: dict[str, dict[str, Any]]) -> N
         ("eval_window", cfg.eval.eval_mode != "slide", "needs --eval-mode slide"),
         ("eval_stride", cfg.eval.eval_mode != "slide", "needs --eval-mode slide"),
         ("data_root", cfg.data.dataset == "synthetic", "has no effect on the synthetic dataset"),
+        ("synthetic_key", cfg.data.dataset != "synthetic", "needs --dataset synthetic"),
         ("trial", not cfg.tracking.study, "needs --study"),
     ]
     for name, impossible, reason in rules:

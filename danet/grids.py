@@ -7,7 +7,8 @@ for the FCN cell and three losses at lr 0.003 for PAM+CAM). Every expanded cell 
 fields `grid`, `grid_cell` (the named cell) and `design`.
 
 design: `as-released` (each cell with the authors' own recipe) or `controlled` (every cell the same
-recipe; only model switches and the seed differ, and `aux` is off unless a cell turns it on).
+recipe; only model switches and the seed differ, and `aux` is off unless a cell turns it on). A
+controlled grid whose question is a recipe field (say, training length) names it in `studies`.
 `comparisons` name the paired questions a grid answers (treatment and baseline named cells);
 `evaluations` are test protocols run on a cell's checkpoint after it trains (ablations/evaluate.py).
 """
@@ -30,7 +31,7 @@ from danet.config import (
     sectioned,
 )
 
-GRID_KEYS = {"preset", "design", "blocks", "description", "comparisons", "evaluations"}
+GRID_KEYS = {"preset", "design", "blocks", "description", "comparisons", "evaluations", "studies"}
 EVALUATION_KEYS = {"of", "split", "checkpoint"}  # besides the EvalConfig protocol fields
 
 
@@ -61,17 +62,19 @@ def _format(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
-def _check_controlled(path: Path, cells: dict[str, dict[str, Any]]) -> None:
-    """A controlled grid's cells share one recipe: only model switches and the seed may differ."""
+def _check_controlled(path: Path, cells: dict[str, dict[str, Any]], studied: set[str]) -> None:
+    """A controlled grid's cells share one recipe: only model switches, the recipe fields the grid
+    studies and the seed may differ."""
     def recipe(settings: dict[str, Any]) -> dict[str, Any]:
         return {name: value for name, value in settings.items()
-                if name != "seed" and field_section(name) not in ("model", "tracking")}
+                if name not in studied | {"seed"} and field_section(name) not in ("model", "tracking")}
 
     (first_id, first), *others = cells.items()
     for cell_id, settings in others:
         if recipe(settings) != recipe(first):
             raise UsageError(f"grid {path} is controlled, but cells {first_id} and {cell_id} differ in their recipe "
-                             f"({recipe(first)} vs {recipe(settings)}): only model switches and the seed may differ")
+                             f"({recipe(first)} vs {recipe(settings)}): only model switches, the seed and the "
+                             f"fields the grid names in 'studies' ({sorted(studied)}) may differ")
 
 
 def _evaluations(path: Path, entries: list[dict[str, Any]], named: set[str]) -> list[Evaluation]:
@@ -115,8 +118,10 @@ def load_grid(name_or_path: str, grid_dir: Path) -> Grid:
                 if cell_id in cells:
                     raise UsageError(f"grid {path}: cell {cell_id} appears twice")
                 cells[cell_id] = settings
+    studied = set(data.get("studies") or [])
+    sectioned({name: None for name in studied})  # unknown fields are errors
     if design == "controlled":
-        _check_controlled(path, cells)
+        _check_controlled(path, cells, studied)
     named_cells = {settings["grid_cell"] for settings in cells.values()}
     comparisons = data.get("comparisons") or []
     for comparison in comparisons:

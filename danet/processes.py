@@ -44,18 +44,18 @@ def run_together(commands: list[tuple[str, list[str]]], describe: str,
 
     Returns the largest exit status, or 130 after an interrupt (Ctrl-C or SIGTERM).
     """
-    processes = []
-    for gpus, argv in commands:
-        environment = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus) if gpus else None
-        processes.append(subprocess.Popen(argv, env=environment, start_new_session=True))
-        print(f"{describe} pid {processes[-1].pid} on {'GPU ' + gpus if gpus else 'the CPU'}: {' '.join(argv)}",
-              flush=True)
-
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
+    processes = []
+    # both handlers set here: a process started in the background by a shell inherits an ignored SIGINT
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:  # from before the first start: an interrupt at any point stops what has started
+        for gpus, argv in commands:
+            environment = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus) if gpus else None
+            processes.append(subprocess.Popen(argv, env=environment, start_new_session=True))
+            print(f"{describe} pid {processes[-1].pid} on {'GPU ' + gpus if gpus else 'the CPU'}: {' '.join(argv)}",
+                  flush=True)
         while any(process.poll() is None for process in processes):
             time.sleep(0.5)
     except KeyboardInterrupt:
@@ -63,5 +63,6 @@ def run_together(commands: list[tuple[str, list[str]]], describe: str,
         _stop(processes, grace_seconds)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return max(process.returncode for process in processes)

@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import os
 import time
 from pathlib import Path
 from types import ModuleType
@@ -7,6 +8,11 @@ from types import ModuleType
 import numpy as np
 import pytest
 from PIL import Image
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # under `pytest -n 2` each test process (and every run it starts) gets one core: torch's second
+    # thread only adds contention to the tiny runs of the tests. Set before anything imports torch.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = REPO / "ablations" / "configs"
@@ -35,6 +41,16 @@ def tiny_flags(runs_dir: Path, *extra: str) -> list[str]:
             "--synthetic-train-images", "8", "--synthetic-val-images", "4", "--iterations", "4",
             "--eval-every", "2", "--checkpoint-every", "2", "--log-every", "1", "--workers", "0",
             "--eval-batch-size", "2", "--wandb", "disabled", "--quiet", "--runs-dir", str(runs_dir), *extra]
+
+
+def write_grid(path: Path, cells: dict, seeds: tuple[int, ...] = (0,), **extra) -> Path:
+    """A grid file of demo-preset cells (in this order: task i of a Slurm array is cell i) over `seeds`."""
+    import yaml
+
+    grid = {"preset": "demo", "design": "as-released", **extra,
+            "blocks": [{"axes": {"seed": list(seeds)}, "cells": cells}]}
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return path
 
 
 def run_cli(argv: list[str]) -> int:
@@ -137,7 +153,6 @@ def _private_postgres(base: Path) -> tuple[str, callable]:
 @pytest.fixture(scope="session")
 def postgres_url() -> str:
     """DANET_TEST_POSTGRES (what .ci/run starts), else a private cluster for this session."""
-    import os
     import shutil
     import tempfile
 
@@ -194,7 +209,6 @@ def _private_slurm(base: Path) -> tuple[dict[str, str], callable]:
     """Start munged, slurmctld and slurmd (Debian's slurm-wlm and munge) as a one-node cluster
     whose files all live in `base`; return the environment its clients need and a stop function.
     Skips the test when Slurm is not installed or does not come up."""
-    import os
     import shutil
     import socket
     import subprocess

@@ -7,7 +7,7 @@ from danet.config import DataConfig, EvalConfig
 from danet.data import DataError, build
 from danet.data.cityscapes import CLASS_NAMES as CITYSCAPES_CLASSES
 from danet.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
-from danet.data.synthetic import draw_sample
+from danet.data.synthetic import KEY_COLORS, draw_sample
 from danet.engine import SeededBatchSampler, predict_probabilities, sliding_window_logits
 from danet.metrics import ConfusionMatrix
 from tests.conftest import write_png
@@ -55,6 +55,41 @@ def test_synthetic_data_is_deterministic_and_needs_the_border_key():
     assert bundle.num_classes == len(SYNTHETIC_CLASSES) and len(bundle.train) == 5 and len(bundle.val) == 3
     image, label = bundle.train[(2, 123)]
     assert image.shape == (3, 32, 32) and label.dtype == torch.int64
+
+
+def test_the_marker_variant_shows_the_key_only_in_one_small_square_away_from_the_objects():
+    gaps = []
+    for index in range(40):
+        frame_image, frame_label = draw_sample(64, np.random.default_rng([1, index]))
+        image, label = draw_sample(64, np.random.default_rng([1, index]), "marker")
+        assert np.array_equal(label, frame_label)  # the same objects and classes; only the key's place differs
+        key = int(frame_image[0, 0, 2] > frame_image[0, 0, 0])
+        marker = np.all(image == KEY_COLORS[key], axis=-1)
+        rows, cols = np.nonzero(marker)
+        assert marker.sum() == 6 * 6 and np.ptp(rows) == np.ptp(cols) == 5  # one 6x6 square, nothing else
+        assert not np.all(image == KEY_COLORS[1 - key], axis=-1).any() and (label[marker] == 0).all()
+        object_rows, object_cols = np.nonzero(label)
+        gaps.append(min(np.maximum(np.abs(rows[:, None] - object_rows), np.abs(cols[:, None] - object_cols)).min(1)))
+    assert min(gaps) >= 12 and np.median(gaps) >= 16
+    bundle = build(DataConfig(synthetic_key="marker", synthetic_train_images=2, synthetic_val_images=2))
+    assert np.array_equal(bundle.val.load(1)[0], draw_sample(64, np.random.default_rng([2, 1]), "marker")[0])
+
+
+def test_the_context_free_ceiling_of_the_marker_val_set_is_what_the_readme_says():
+    # a model that segments every object exactly and reads its brightness, but not the key
+    labels = np.stack([draw_sample(64, np.random.default_rng([2, index]), "marker")[1] for index in range(64)])
+    kind = (labels.astype(int) - 1) % 2  # 0 bright, 1 dark
+
+    def miou(key_per_image):
+        guess = np.where(labels > 0, 1 + kind + 2 * key_per_image[:, None, None], 0)
+        matrix = np.bincount(labels.ravel() * 5 + guess.ravel(), minlength=25).reshape(5, 5)
+        return float(np.mean(np.diag(matrix) / (matrix.sum(0) + matrix.sum(1) - np.diag(matrix))))
+
+    assert round(miou(np.zeros(64, dtype=int)), 3) == 0.407  # always the red key
+    rng = np.random.default_rng(0)
+    coin = [miou(rng.integers(2, size=64)) for _ in range(200)]  # a coin flip per image
+    assert round(float(np.mean(coin)), 3) == 0.465
+    assert [round(float(q), 3) for q in np.percentile(coin, [5, 95])] == [0.385, 0.541]
 
 
 def test_camvid_segnet_layout_maps_void_to_ignore(camvid_tree):

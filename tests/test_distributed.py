@@ -11,7 +11,7 @@ import pytest
 
 from danet.distributed import Context, from_environment
 from danet.engine import SeededBatchSampler
-from tests.conftest import REPO, only_run_dir, run_cli, summary_of, tiny_flags, wait_for_checkpoint
+from tests.conftest import REPO, only_run_dir, run_cli, summary_of, tiny_flags, wait_for_checkpoint, write_grid
 
 # 8 iterations of a global batch of 4 (2 per rank); dropout off, so the only difference between
 # 2 ranks and 1 process is BatchNorm: without SyncBatchNorm (CUDA only) each rank normalises with
@@ -80,7 +80,7 @@ def _rank_pids(parent_pid):
 @pytest.mark.slow
 def test_resume_under_two_processes_ends_like_an_uninterrupted_run(tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    longer = ("--iterations", "120", "--checkpoint-every", "5", "--eval-every", "60", "--synthetic-train-images", "16")
+    longer = ("--iterations", "40", "--checkpoint-every", "5", "--eval-every", "20", "--synthetic-train-images", "16")
     process = _torchrun(reference, *longer)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output
@@ -117,13 +117,10 @@ def test_a_dying_rank_stops_the_job_and_the_record_says_failed(tmp_path):
 @pytest.mark.slow
 def test_an_optuna_worker_runs_each_trial_as_a_torchrun_job(tmp_path):
     import optuna
-    import yaml
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    grid = tmp_path / "one.yaml"
-    grid.write_text(yaml.safe_dump({"preset": "demo", "design": "as-released", "blocks": [
-        {"axes": {"seed": [0]}, "cells": {"pam": {"pam": True, "cam": False}}}]}))
+    grid = write_grid(tmp_path / "one.yaml", {"pam": {"pam": True, "cam": False}})
     runs = tmp_path / "runs"
     command = [sys.executable, str(REPO / "sweeps" / "optuna_study.py"), "--grid", str(grid), "--study", "ddp",
                "--nproc-per-trial", "2", "--", *tiny_flags(runs, *SETTINGS)]

@@ -12,7 +12,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 from danet.config import EvalConfig
-from tests.conftest import REPO, load_script, only_run_dir, run_cli, summary_of, tiny_flags
+from tests.conftest import REPO, load_script, only_run_dir, run_cli, summary_of, tiny_flags, write_grid
 
 evaluate_script = load_script("ablations/evaluate.py")
 
@@ -93,12 +93,10 @@ def test_bad_inputs_exit_2_with_one_line_naming_the_thing(tmp_path, trained, cam
 
 @pytest.mark.slow
 def test_a_grid_study_evaluates_each_cell_after_it_trains(tmp_path):
-    grid = tmp_path / "tta.yaml"
-    grid.write_text(yaml.safe_dump({
-        "preset": "demo", "design": "controlled",
-        "blocks": [{"axes": {"seed": [0]}, "cells": {"danet-head": {"pam": False, "cam": False},
-                                                     "fcn-head": {"head": "fcn", "pam": False, "cam": False}}}],
-        "evaluations": [{"of": ["fcn-head"], "eval_scales": [0.75, 1.0], "eval_flip": True}]}))
+    grid = write_grid(tmp_path / "tta.yaml", {"danet-head": {"pam": False, "cam": False},
+                                              "fcn-head": {"head": "fcn", "pam": False, "cam": False}},
+                      design="controlled",
+                      evaluations=[{"of": ["fcn-head"], "eval_scales": [0.75, 1.0], "eval_flip": True}])
     runs = tmp_path / "runs"
     process = subprocess.run([sys.executable, str(REPO / "sweeps" / "optuna_study.py"), "--grid", str(grid), "--study",
                               "tta", "--", *tiny_flags(runs, "--iterations", "2", "--eval-every", "0")],

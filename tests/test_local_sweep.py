@@ -249,7 +249,9 @@ def test_hyperband_stops_a_tiny_run_whose_record_says_pruned(tmp_path):
                                run_flags=flags))
     good, poor = _study(journal, "hb").trials
     assert (good.state, poor.state) == (TrialState.COMPLETE, TrialState.PRUNED), output
-    assert sorted(poor.intermediate_values) == [0, 1, 2] and poor.intermediate_values[2] < good.intermediate_values[2]
+    # decided at the first band (its 3rd value); the run may log one more value before it stops at a checkpoint
+    assert sorted(poor.intermediate_values)[:3] == [0, 1, 2] and len(poor.intermediate_values) < 6
+    assert poor.intermediate_values[2] < good.intermediate_values[2]
     poor_dir, good_dir = Path(poor.user_attrs["run_dir"]), Path(good.user_attrs["run_dir"])
     record = json.loads((poor_dir / "summary.json").read_text())
     assert record["status"] == "pruned" and record["reason"].startswith("pruned by Hyperband at val/mIoU value 3")

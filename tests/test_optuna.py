@@ -18,7 +18,7 @@ from rich.console import Console
 from danet.config import UsageError
 from danet.grids import load_grid
 from danet.studies import Objective, grid_spec, open_study_storage, search_spec
-from tests.conftest import PRESETS, REPO, load_script, tiny_flags, wait_for_checkpoint
+from tests.conftest import PRESETS, REPO, load_script, tiny_flags, wait_for_checkpoint, write_grid
 
 GRIDS = REPO / "ablations" / "grids"
 DRIVER = REPO / "sweeps" / "optuna_study.py"
@@ -74,9 +74,7 @@ def test_grid_study_with_two_workers_runs_every_cell_exactly_once_and_restarts_c
 
 @pytest.mark.slow
 def test_failed_trials_are_recorded_with_the_reason(tmp_path):
-    grid = tmp_path / "one.yaml"
-    grid.write_text(yaml.safe_dump({"preset": "demo", "design": "as-released", "blocks": [
-        {"axes": {"seed": [0]}, "cells": {"fcn": {"pam": False, "cam": False}}}]}))
+    grid = write_grid(tmp_path / "one.yaml", {"fcn": {"pam": False, "cam": False}})
     runs = tmp_path / "runs"
     process = _driver("--grid", str(grid), "--study", "boom", "--", *_tiny_run_flags(runs, "--lr", "1e30",
                                                                                      "--iterations", "20"), cwd=tmp_path)
@@ -174,9 +172,7 @@ def test_optunas_own_tools_read_the_study(tmp_path):
     import urllib.request
 
     runs = tmp_path / "runs"
-    grid = tmp_path / "two.yaml"
-    grid.write_text(yaml.safe_dump({"preset": "demo", "design": "as-released", "blocks": [
-        {"axes": {"seed": [0, 1]}, "cells": {"fcn": {"pam": False, "cam": False}}}]}))
+    grid = write_grid(tmp_path / "two.yaml", {"fcn": {"pam": False, "cam": False}}, seeds=(0, 1))
     flags = _tiny_run_flags(runs, "--iterations", "2", "--eval-every", "0")
     process = _driver("--grid", str(grid), "--study", "tools", "--", *flags, cwd=tmp_path)
     output, _ = process.communicate(timeout=600)
@@ -255,11 +251,9 @@ def test_other_storage_strings_are_one_line_usage_errors(text):
 
 @pytest.mark.slow
 def test_a_preempted_worker_offers_its_cell_again_and_the_next_worker_resumes_it(tmp_path):
-    grid = tmp_path / "one.yaml"
-    grid.write_text(yaml.safe_dump({"preset": "demo", "design": "as-released", "blocks": [
-        {"axes": {"seed": [0]}, "cells": {"fcn": {"pam": False, "cam": False}}}]}))
+    grid = write_grid(tmp_path / "one.yaml", {"fcn": {"pam": False, "cam": False}})
     runs = tmp_path / "runs"
-    flags = _tiny_run_flags(runs, "--iterations", "400", "--checkpoint-every", "1000", "--eval-every", "0")
+    flags = _tiny_run_flags(runs, "--iterations", "80", "--checkpoint-every", "1000", "--eval-every", "0")
     first = _driver("--grid", str(grid), "--study", "pre", "--", *flags, cwd=tmp_path)
     deadline = time.time() + 120
     while time.time() < deadline and not any(path.stat().st_size for path in runs.glob("*/metrics.jsonl")):
@@ -275,7 +269,7 @@ def test_a_preempted_worker_offers_its_cell_again_and_the_next_worker_resumes_it
     output, _ = again.communicate(timeout=600)
     assert again.returncode == 0, output
     record, = _records(runs)
-    assert record["status"] == "complete" and record["iterations"] == 400
+    assert record["status"] == "complete" and record["iterations"] == 80
     assert "study pre: 1 complete, 0 failed" in output
 
 

@@ -10,9 +10,8 @@ import time
 from datetime import datetime
 
 import pytest
-import yaml
 
-from tests.conftest import REPO, tiny_flags
+from tests.conftest import REPO, tiny_flags, write_grid
 
 LAUNCHER = REPO / "sweeps" / "slurm.py"
 
@@ -20,12 +19,6 @@ LAUNCHER = REPO / "sweeps" / "slurm.py"
 def _launch(args, cwd, environment=None):
     return subprocess.run([sys.executable, str(LAUNCHER), *args], cwd=cwd, env=environment, capture_output=True,
                           text=True, timeout=120)
-
-
-def _write_grid(path, cells):
-    path.write_text(yaml.safe_dump({"preset": "demo", "design": "as-released",
-                                    "blocks": [{"axes": {"seed": [0]}, "cells": cells}]}, sort_keys=False))  # task i: cell i
-    return path
 
 
 def test_dry_run_prints_the_batch_script(tmp_path):
@@ -126,7 +119,7 @@ def _records(runs):
 
 @pytest.mark.slow
 def test_a_grid_submitted_as_an_array_completes_with_one_record_per_cell(tmp_path, slurm_cluster):
-    grid = _write_grid(tmp_path / "trio.yaml", {"fcn": {"pam": False, "cam": False}, "pam": {"cam": False},
+    grid = write_grid(tmp_path / "trio.yaml", {"fcn": {"pam": False, "cam": False}, "pam": {"cam": False},
                                                 "pam-cam": {}})
     runs = tmp_path / "runs"
     job = _submit(grid, runs, slurm_cluster)
@@ -143,8 +136,8 @@ def test_a_grid_submitted_as_an_array_completes_with_one_record_per_cell(tmp_pat
 
 @pytest.mark.slow
 def test_a_preempted_task_resumes_its_cell_to_exactly_an_uninterrupted_runs_metrics(tmp_path, slurm_cluster):
-    grid = _write_grid(tmp_path / "one.yaml", {"pam": {"cam": False}})
-    settings = ("--iterations", "300", "--checkpoint-every", "1000", "--eval-every", "0",
+    grid = write_grid(tmp_path / "one.yaml", {"pam": {"cam": False}})
+    settings = ("--iterations", "120", "--checkpoint-every", "1000", "--eval-every", "0",
                 "--synthetic-train-images", "12", "--log-every", "1")
     reference_runs, runs = tmp_path / "reference", tmp_path / "runs"
     reference_run = subprocess.run([sys.executable, str(REPO / "ablations" / "run.py"), "--grid", str(grid), "--cell",
@@ -172,12 +165,12 @@ def test_a_preempted_task_resumes_its_cell_to_exactly_an_uninterrupted_runs_metr
         assert "continue with --resume" in record()["reason"]
         stops.append(int(record()["reason"].split("at iteration ")[1].split()[0]))
         assert (runs / record()["run_id"] / "checkpoints" / "last.pt").exists()
-    assert 0 < stops[0] < stops[1] < 300  # the second attempt resumed from the first one's checkpoint
+    assert 0 < stops[0] < stops[1] < 120  # the second attempt resumed from the first one's checkpoint
 
     _wait_until(_finished(slurm_cluster, job), slurm_cluster, job, what="the resumed task to finish")
     assert _tasks(slurm_cluster, job) == {0: ("COMPLETED", 2)}  # requeued by scontrol, then by the launcher
     final = record()
-    assert final["status"] == "complete" and final["iterations"] == 300
+    assert final["status"] == "complete" and final["iterations"] == 120
     assert final["final_miou"] == reference["final_miou"] and final["per_class_iou"] == reference["per_class_iou"]
     log = (runs / "slurm" / f"danet-one_{job}_0.out").read_text()
     assert "stopped at the time limit: requeueing Slurm job" in log and "restart 2:" in log
@@ -185,7 +178,7 @@ def test_a_preempted_task_resumes_its_cell_to_exactly_an_uninterrupted_runs_metr
 
 @pytest.mark.slow
 def test_a_cell_that_always_fails_is_given_up_after_its_requeues_and_the_rest_completes(tmp_path, slurm_cluster):
-    grid = _write_grid(tmp_path / "mixed.yaml", {"fcn": {"pam": False, "cam": False}, "boom": {"lr": 1.0e30},
+    grid = write_grid(tmp_path / "mixed.yaml", {"fcn": {"pam": False, "cam": False}, "boom": {"lr": 1.0e30},
                                                  "pam": {"cam": False}})
     runs = tmp_path / "runs"
     job = _submit(grid, runs, slurm_cluster, "--max-requeues", "1")

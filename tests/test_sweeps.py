@@ -49,6 +49,13 @@ def test_a_grid_declares_its_design_and_a_controlled_one_shares_one_recipe(tmp_p
     assert len(load_grid(str(grid_file()), GRIDS).cells) == 2
     with pytest.raises(UsageError, match="differ in their recipe"):
         load_grid(str(grid_file(blocks=[{"cells": {"a": {"lr": 0.1}, "b": {"lr": 0.2}}}])), GRIDS)
+    schedule = [{"cells": {"a": {"iterations": 9}, "b": {"iterations": 3}}}]
+    assert len(load_grid(str(grid_file(blocks=schedule, studies=["iterations"])), GRIDS).cells) == 2
+    with pytest.raises(UsageError, match="differ in their recipe"):  # a studied field does not excuse another
+        load_grid(str(grid_file(blocks=[{"cells": {"a": {"iterations": 9}, "b": {"lr": 0.2}}}],
+                                studies=["iterations"])), GRIDS)
+    with pytest.raises(UsageError, match="itterations"):
+        load_grid(str(grid_file(studies=["itterations"])), GRIDS)
     with pytest.raises(UsageError, match="design must be one of"):
         load_grid(str(grid_file(design=None)), GRIDS)
     with pytest.raises(UsageError, match="evaluation of unknown cells"):

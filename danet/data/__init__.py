@@ -30,7 +30,7 @@ def build_split(cfg: DataConfig, split: str, train: bool = False) -> Segmentatio
     transform = train_transform(cfg) if train else eval_transform()
     if cfg.dataset == "synthetic":
         images = cfg.synthetic_train_images if train else cfg.synthetic_val_images
-        return SyntheticDataset(split, images, cfg.synthetic_size, transform)
+        return SyntheticDataset(split, images, cfg.synthetic_size, transform, cfg.synthetic_key)
     if not cfg.data_root:
         raise DataError(f"dataset {cfg.dataset} needs its folder: pass --data-root or set DANET_DATA")
     return FILE_DATASETS[cfg.dataset](cfg.data_root, split, transform, cfg.image_scale)

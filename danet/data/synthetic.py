@@ -5,8 +5,13 @@ Each image has mid-gray noise, a colored "key" frame along its border, and two o
 key's color: bright/dark with a red key are classes 1/2, with a blue key 3/4; background (frame
 included) is 0. Brightness is an easy local cue, but the objects look the same whatever the key,
 so local appearance alone is ambiguous (at best 50% right between the red and blue classes): a
-pixel's label needs the key, which lies at the border, 10 to 30 pixels away. That is the
-long-range dependency PAM is built to capture.
+pixel's label needs the key, which lies at the border, 10 to 30 pixels away. Measured, a dilated
+FCN reads the frame as often as PAM does: its receptive field spans the whole 64x64 image.
+
+`key="marker"` (the positive control's variant) removes the frame: the key is one small square of
+the key's color at a random spot, at least a quarter of the image away from every object. A
+convolution must carry a few pixels' worth of evidence across that distance; attention can look it
+up by its content, wherever it is.
 Everything is generated from (split, index): the same images for every run, no files.
 """
 
@@ -23,14 +28,15 @@ KEY_COLORS = ((200, 40, 40), (40, 60, 200))
 SPLIT_STREAMS = {"train": 1, "val": 2, "test": 3}
 
 
-def draw_sample(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def draw_sample(size: int, rng: np.random.Generator, key_style: str = "frame") -> tuple[np.ndarray, np.ndarray]:
     image = rng.normal(120, 20, (size, size, 3))
     label = np.zeros((size, size), dtype=np.uint8)
     key = int(rng.integers(2))
-    side = size // 16
-    frame = np.ones((size, size), dtype=bool)
-    frame[side:-side, side:-side] = False
-    image[frame] = KEY_COLORS[key]
+    if key_style == "frame":
+        side = size // 16
+        frame = np.ones((size, size), dtype=bool)
+        frame[side:-side, side:-side] = False
+        image[frame] = KEY_COLORS[key]
 
     rows, cols = np.mgrid[0:size, 0:size]
     margin, placed = size // 8, []
@@ -50,19 +56,40 @@ def draw_sample(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
         kind = int(rng.integers(2))
         image[inside] = rng.normal(OBJECT_LEVELS[kind], 20, (int(inside.sum()), 3))
         label[inside] = 1 + kind + 2 * key
+    if key_style == "marker":
+        draw_marker(image, placed, KEY_COLORS[key], rng)
     return np.clip(image, 0, 255).astype(np.uint8), label
+
+
+def draw_marker(image: np.ndarray, objects: list[tuple[int, int, int]], color: tuple[int, int, int],
+                rng: np.random.Generator) -> None:
+    """A square of side size/10 at a random spot whose gap to every object is at least size/4 (or as
+    large as 50 tries can find); its pixels are background in the label."""
+    size = image.shape[0]
+    side, wanted = max(size // 10, 2), size // 4
+    best, best_gap = (0, 0), -1
+    for _attempt in range(50):
+        y, x = (int(v) for v in rng.integers(0, size - side, size=2))
+        gap = min((max(abs(y + side / 2 - cy) - r, abs(x + side / 2 - cx) - r) - side / 2
+                   for cy, cx, r in objects), default=size)
+        if gap > best_gap:
+            best, best_gap = (y, x), gap
+        if gap >= wanted:
+            break
+    y, x = best
+    image[y:y + side, x:x + side] = color
 
 
 class SyntheticDataset(SegmentationDataset):
     num_classes = len(CLASS_NAMES)
     class_names = CLASS_NAMES
 
-    def __init__(self, split: str, length: int, size: int, transform: A.Compose) -> None:
+    def __init__(self, split: str, length: int, size: int, transform: A.Compose, key_style: str = "frame") -> None:
         super().__init__(transform)
-        self.stream, self.length, self.size = SPLIT_STREAMS.get(split, 4), length, size
+        self.stream, self.length, self.size, self.key_style = SPLIT_STREAMS.get(split, 4), length, size, key_style
 
     def __len__(self) -> int:
         return self.length
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        return draw_sample(self.size, np.random.default_rng([self.stream, index]))
+        return draw_sample(self.size, np.random.default_rng([self.stream, index]), self.key_style)
