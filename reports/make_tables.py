@@ -32,6 +32,7 @@ from danet.console import stderr_console
 from reports.sources import (
     UNREADABLE,
     NoRunsFound,
+    multi_scale_rows,
     read_evaluations,
     read_optuna,
     read_run_store,
@@ -230,13 +231,21 @@ def main(argv: list[str] | None = None) -> int:
             pending.append((comparisons, presentable_comparisons(comparisons, **statistics), "comparisons", note,
                             None, None, None))
         for layout in (TABLE1, TABLE2):
-            if not layout_runs.empty and layout_applies(layout_runs, layout):
-                table = ablation_table(layout_runs, layout, args.metric, **statistics)
+            of_layout = layout_runs
+            if layout is TABLE2 and not evaluated and not layout_runs.empty:  # its MS row: evaluations of checkpoints
+                of_layout = pd.concat([layout_runs, multi_scale_rows(layout_runs, read_evaluations(layout_runs)[0])],
+                                      ignore_index=True)
+            if not of_layout.empty and layout_applies(of_layout, layout):
+                table = ablation_table(of_layout, layout, args.metric, **statistics)
                 dataset, _, _ = paper_reference(layout)
                 name, meaning = BASELINES[layout.name]
-                used = layout_runs[layout_runs["run_id"].isin(table["run_ids"].explode())]
+                used = of_layout[of_layout["run_id"].isin(table["run_ids"].explode())]
                 note = CELL_NOTE + " " + table_note(table, f"{meaning} ('{name}')", **statistics) + " " + " ".join(
                     provenance_lines(used, numbers))
+                evaluated_rows = sorted({run_id.split("@", 1)[1] for run_id in used["run_id"] if "@" in run_id})
+                if evaluated_rows:
+                    note += (f" The multi-scale rows are evaluation records ({', '.join(evaluated_rows)}) of the "
+                             "trained cells' last checkpoints, not cells of their own; their cost columns are empty.")
                 cell_of = table[["cell", "run_ids"]].explode("run_ids").set_index("run_ids")["cell"]
                 pending.append((table, presentable(table, layout, name, dataset, **statistics), layout.name,
                                 note, used.assign(cell=used["run_id"].map(cell_of)), table["cell"].iloc[0], None))

@@ -208,3 +208,37 @@ def with_evaluation_numbers(runs: pd.DataFrame, evaluations: pd.DataFrame, split
     label = (f"evaluation records on split {split or VAL_SPLIT}, protocol "
              f"{protocol or OWN_PROTOCOL + ' (' + ', '.join(sorted(protocols)) + ')'}, last checkpoint where evaluated")
     return complete.loc[chosen], pd.DataFrame(missing, columns=["run_id", "status", "reason"]), label
+
+
+TRAINING_COST_COLUMNS = ("wall_time_s", "images_per_second", "peak_memory_mb")
+
+
+def multi_scale_rows(runs: pd.DataFrame, evaluations: pd.DataFrame) -> pd.DataFrame:
+    """Table 2's MS row from evaluation records, not from training: for each run, the latest
+    evaluation of its last checkpoint on its own val split under each protocol with several scales
+    or flip (other than the run's own) becomes a row of its own: the run's settings with that
+    protocol's, the evaluation's numbers, run_id RUN@PROTOCOL. The cost columns are left empty:
+    they measured the training, not this evaluation."""
+    rows = []
+    if evaluations.empty:
+        return runs.iloc[0:0]
+    for _, run in runs.iterrows():
+        mine = evaluations[(evaluations["run_dir"] == run.get("run_dir")) & (evaluations["split"] == run.get("val_split"))
+                           & (evaluations["checkpoint"] == "last")]
+        for _, evaluation in mine.sort_values("created_at").groupby("protocol").tail(1).iterrows():
+            settings = _settings(evaluation)
+            if settings == _own_protocol(run) or (len(settings["eval_scales"]) <= 1 and not settings["eval_flip"]):
+                continue
+            row = run.copy()
+            for key, value in settings.items():
+                row[key] = value
+            row[[column for column in row.index if column.startswith(IOU_PREFIX)]] = float("nan")
+            for name, value in evaluation["per_class_iou"].items():
+                row[IOU_PREFIX + name] = value
+            row["run_id"] = f"{run['run_id']}@{evaluation['protocol']}"
+            row["final_miou"], row["final_pixel_accuracy"] = evaluation["miou"], evaluation["pixel_accuracy"]
+            row["score_source"] = evaluation["evaluation"]
+            for column in TRAINING_COST_COLUMNS:
+                row[column] = float("nan")
+            rows.append(row)
+    return pd.DataFrame(rows) if rows else runs.iloc[0:0]

@@ -1,12 +1,10 @@
 """Reports: statistics against independent computations, tables from generated records, the CLI."""
 
-import json
 import math
 
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from scipy import stats as scipy_stats
 
 from danet.config import RunConfig
@@ -14,6 +12,7 @@ from reports import make_tables
 from reports.sources import NoRunsFound, read_run_store
 from reports.stats import holm, paired_delta, probability_of_improvement, sign_flip_p_value, t_interval
 from reports.tables import TABLE1, MixedCellError, ablation_table, presentable
+from tests.conftest import REPORT_CELLS, run_cli, tiny_flags, write_run
 
 
 def test_t_interval_matches_scipy():
@@ -62,38 +61,13 @@ def test_probability_of_improvement_is_mann_whitney_u_over_pairs():
     assert probability_of_improvement(a, b) == pytest.approx(u / (len(a) * len(b)))
 
 
-def _write_run(runs_dir, name, miou, status="complete", **settings):
-    cfg = RunConfig.from_dict({"model": {"backbone": "resnet50", "num_classes": 19}, "data": {"dataset": "cityscapes"}})
-    sections = cfg.to_dict()
-    for key, value in settings.items():
-        for section in sections.values():
-            if key in section:
-                section[key] = value
-    run_dir = runs_dir / name
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(sections))
-    summary = {"status": status, "final_miou": miou, "best_miou": miou, "wall_time_s": 600.0,
-               "images_per_second": 10.0, "peak_memory_mb": 2048.0, "per_class_iou": {"road": miou},
-               "cell_hash": name}
-    if status != "complete":
-        summary = {"status": status, "reason": "boom"}
-    (run_dir / "summary.json").write_text(json.dumps(summary))
-    events = [{"step": step, "val/mIoU": (miou or 0) * step / 200, "gamma/pam": 0.01 * step,
-               "gamma/cam": 0.02 * step} for step in (100, 200)]
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(event) + "\n" for event in events))
-
-
-CELLS = {(False, False): [0.700, 0.705, 0.698, 0.710, 0.702], (True, False): [0.750, 0.758, 0.747, 0.761, 0.755],
-         (False, True): [0.740, 0.738, 0.745, 0.744, 0.741], (True, True): [0.760, 0.770, 0.765, 0.768]}
-
-
 @pytest.fixture
 def table1_runs(tmp_path):
     runs = tmp_path / "runs"
-    for (pam, cam), values in CELLS.items():
+    for (pam, cam), values in REPORT_CELLS.items():
         for seed, miou in enumerate(values):  # PAM+CAM lacks seed 4: paired deltas must drop it
-            _write_run(runs, f"r50_{pam}_{cam}_s{seed}", miou, pam=pam, cam=cam, seed=seed)
-    _write_run(runs, "crashed", None, status="failed", pam=True, cam=True, seed=4)
+            write_run(runs, f"r50_{pam}_{cam}_s{seed}", miou, pam=pam, cam=cam, seed=seed)
+    write_run(runs, "crashed", None, status="failed", pam=True, cam=True, seed=4)
     return runs
 
 
@@ -102,8 +76,8 @@ def test_table1_statistics_from_records(table1_runs):
     table = ablation_table(runs, TABLE1)
     assert [(row.pam, row.cam) for row in table.itertuples()] == [(False, False), (True, False), (False, True),
                                                                   (True, True)]
-    fcn = np.array(CELLS[(False, False)]) * 100
-    both = np.array(CELLS[(True, True)]) * 100
+    fcn = np.array(REPORT_CELLS[(False, False)]) * 100
+    both = np.array(REPORT_CELLS[(True, True)]) * 100
     row = table.iloc[3]
     assert row["n"] == 4 and row["mean"] == pytest.approx(both.mean())  # the failed run is not averaged in
     assert row["delta_n"] == 4 and row["unpaired_seeds"] == [4]
@@ -122,8 +96,8 @@ def test_table1_statistics_from_records(table1_runs):
 
 def test_cells_mixing_different_settings_are_refused(tmp_path):
     runs = tmp_path / "runs"
-    _write_run(runs, "a", 0.7, pam=False, cam=False, seed=0, lr=0.01)
-    _write_run(runs, "b", 0.7, pam=False, cam=False, seed=1, lr=0.003)
+    write_run(runs, "a", 0.7, pam=False, cam=False, seed=0, lr=0.01)
+    write_run(runs, "b", 0.7, pam=False, cam=False, seed=1, lr=0.003)
     with pytest.raises(MixedCellError, match=r"mixes runs that differ in \['lr'\]"):
         ablation_table(read_run_store(runs), TABLE1)
 
@@ -132,9 +106,9 @@ def test_variant_rows_are_split_out_and_compared_with_their_standard_row(tmp_pat
     runs = tmp_path / "runs"
     standard, paper_energy = [0.50, 0.52, 0.51], [0.49, 0.50, 0.52]
     for seed in range(3):
-        _write_run(runs, f"fcn_s{seed}", 0.45, backbone="resnet18", pam=False, cam=False, seed=seed)
-        _write_run(runs, f"both_s{seed}", standard[seed], backbone="resnet18", pam=True, cam=True, seed=seed)
-        _write_run(runs, f"paper_s{seed}", paper_energy[seed], backbone="resnet18", pam=True, cam=True, seed=seed,
+        write_run(runs, f"fcn_s{seed}", 0.45, backbone="resnet18", pam=False, cam=False, seed=seed)
+        write_run(runs, f"both_s{seed}", standard[seed], backbone="resnet18", pam=True, cam=True, seed=seed)
+        write_run(runs, f"paper_s{seed}", paper_energy[seed], backbone="resnet18", pam=True, cam=True, seed=seed,
                    cam_energy="paper")
     table = ablation_table(read_run_store(runs), TABLE1)
     assert table["variant"].tolist() == ["", "", "cam_energy=paper"]  # the variant row comes last
@@ -166,7 +140,7 @@ def test_the_command_writes_tables_and_lists_incomplete_runs(table1_runs, tmp_pa
     assert "| DANet head, no attention | resnet50 |" in markdown and "paper R50 (cityscapes)" in markdown
     assert "\\toprule" in (out / "table1.tex").read_text()
     csv = pd.read_csv(out / "table1.csv")
-    assert csv["mean"].iloc[0] == pytest.approx(np.mean(CELLS[(False, False)]) * 100)
+    assert csv["mean"].iloc[0] == pytest.approx(np.mean(REPORT_CELLS[(False, False)]) * 100)
     assert pd.read_csv(out / "not_complete.csv")["run_id"].tolist() == ["crashed"]
     for figure in ("table1_intervals", "table1_val_miou", "table1_class_iou", "table1_gamma"):
         for suffix in (".png", ".pdf"):
@@ -185,7 +159,6 @@ def test_attention_figure_from_a_checkpoint(tmp_path):
     from PIL import Image
 
     from reports import attention_figure
-    from tests.conftest import run_cli, tiny_flags
 
     runs = tmp_path / "runs"
     assert run_cli(tiny_flags(runs)) == 0  # PAM + CAM
@@ -263,7 +236,7 @@ def test_table2_layout_rows_and_paper_numbers(tmp_path):
              [0.81, 0.815, 0.812])]
     for index, (settings, values) in enumerate(rows):
         for seed, miou in enumerate(values):
-            _write_run(runs, f"row{index}_s{seed}", miou, backbone="resnet101", seed=seed, **settings)
+            write_run(runs, f"row{index}_s{seed}", miou, backbone="resnet101", seed=seed, **settings)
     from reports.tables import TABLE2
 
     table = ablation_table(read_run_store(runs), TABLE2)

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from reports import figures, make_tables
-from tests.test_reports import CELLS, _write_run
+from tests.conftest import REPORT_CELLS, write_run
 
 
 def test_class_differences_are_paired_by_seed():
@@ -19,9 +19,9 @@ def test_class_differences_are_paired_by_seed():
 
 def test_every_figure_of_a_report_gets_the_same_colour_per_cell(tmp_path, monkeypatch):
     runs = tmp_path / "runs"
-    for (pam, cam), values in CELLS.items():
+    for (pam, cam), values in REPORT_CELLS.items():
         for seed, miou in enumerate(values):
-            _write_run(runs, f"r_{pam}_{cam}_s{seed}", miou, pam=pam, cam=cam, seed=seed)
+            write_run(runs, f"r_{pam}_{cam}_s{seed}", miou, pam=pam, cam=cam, seed=seed)
     palettes = []
 
     def spy(name):

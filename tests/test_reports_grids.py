@@ -12,7 +12,7 @@ import yaml
 from reports import make_tables
 from reports.sources import read_run_store
 from reports.stats import holm, sign_flip_p_value
-from tests.test_reports import _write_run
+from tests.conftest import write_run
 
 CONTROLLED = {"design": "controlled", "preset": "camvid_cpu",
               "blocks": [{"axes": {"seed": list(range(8))},
@@ -34,7 +34,7 @@ SECTIONS = {"head": "model", "aux_branches": "model", "deterministic": "train", 
 def new_record(runs_dir, name, miou, seed, machine=None, **fields):
     """A record with the fields of the new contract (config keys the installed danet may lack)."""
     old = {key: value for key, value in fields.items() if key not in SECTIONS}
-    _write_run(runs_dir, name, miou, seed=seed, **old)
+    write_run(runs_dir, name, miou, seed=seed, **old)
     config = yaml.safe_load((runs_dir / name / "config.yaml").read_text())
     for key, value in fields.items():
         if key in SECTIONS:
@@ -149,7 +149,7 @@ def test_runs_from_several_kinds_of_machine_are_said_under_the_table(tmp_path):
     for seed in range(2):
         new_record(runs, f"base_s{seed}", 0.70, seed, pam=False, cam=False, machine=h200)
         new_record(runs, f"pam_s{seed}", 0.72, seed, pam=True, cam=False)
-    _write_run(runs, "old_s2", 0.71, pam=True, cam=False, seed=2)  # made before records said their machine
+    write_run(runs, "old_s2", 0.71, pam=True, cam=False, seed=2)  # made before records said their machine
     out = tmp_path / "out"
     assert make_tables.main(["--runs-dir", str(runs), "--out", str(out), "--no-figures"]) == 0
     assert ("Runs from more than one kind of machine: Intel Xeon Platinum 8480+ (2 runs); NVIDIA H200 (2 runs); "
@@ -157,7 +157,7 @@ def test_runs_from_several_kinds_of_machine_are_said_under_the_table(tmp_path):
 
 
 def test_old_records_read_with_the_defaults_of_the_new_fields(tmp_path):
-    _write_run(tmp_path / "runs", "old", 0.7, seed=0)
+    write_run(tmp_path / "runs", "old", 0.7, seed=0)
     row = read_run_store(tmp_path / "runs").iloc[0]
     assert (row["head"], row["aux_branches"], row["deterministic"], row["grid"], row["grid_cell"]) == \
         ("danet", "attention", False, "", "")
@@ -183,7 +183,7 @@ def test_evaluation_records_fill_the_table_when_asked(tmp_path, capsys):
     for seed in range(5):
         for pam in (False, True):
             name = f"{pam}_s{seed}"
-            _write_run(runs, name, 0.70 + 0.01 * pam, pam=pam, cam=False, seed=seed)
+            write_run(runs, name, 0.70 + 0.01 * pam, pam=pam, cam=False, seed=seed)
             write_evaluation(runs / name, "val", "ms0.75-1-1.25-flip", 0.72 + 0.02 * pam + 0.001 * seed, TTA)
             write_evaluation(runs / name, "val", "whole", 0.70 + 0.01 * pam, WHOLE)
             if name != "True_s4":
@@ -205,3 +205,21 @@ def test_evaluation_records_fill_the_table_when_asked(tmp_path, capsys):
     text = (out / "table1-test.md").read_text()
     assert "split test, protocol each run's own final protocol (whole)" in text
     assert (out / "table1-ms0.75-1-1.25-flip.md").exists()  # another suffix: left alone
+
+
+def test_table2s_multi_scale_row_is_made_of_the_evaluations_of_the_trained_checkpoints(tmp_path):
+    runs = tmp_path / "runs"
+    cells = {"base": (False, False, 0.70), "da": (True, False, 0.72), "da-mg": (True, True, 0.73)}
+    for cell, (random_scale, multi_grid, miou) in cells.items():
+        for seed in range(3):
+            name = f"{cell}_s{seed}"
+            write_run(runs, name, miou + 0.001 * seed, random_scale=random_scale, multi_grid=multi_grid, seed=seed)
+            if cell == "da-mg":
+                write_evaluation(runs / name, "val", "ms0.75-1-1.25-flip", 0.75 + 0.001 * seed, TTA)
+                write_evaluation(runs / name, "val", "ms0.75-1-1.25-flip", 0.10, TTA, checkpoint="best")  # not the last
+    out = tmp_path / "out"
+    assert make_tables.main(["--runs-dir", str(runs), "--out", str(out), "--no-figures"]) == 0
+    table = pd.read_csv(out / "table2.csv")
+    assert table["mean"].tolist() == pytest.approx([70.1, 72.1, 73.1, 75.1]) and table["n"].tolist() == [3, 3, 3, 3]
+    assert "evaluation records (ms0.75-1-1.25-flip) of the trained cells' last checkpoints" in (out / "table2.md").read_text()
+    assert len(pd.read_csv(out / "runs.csv")) == 9  # the evaluations are rows of the table, not runs

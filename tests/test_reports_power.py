@@ -16,7 +16,7 @@ from reports.controls import false_positive_rates, null_differences
 from reports.sources import read_run_store
 from reports.stats import minimum_detectable_effect, paired_t_power, seeds_needed, sign_flip_p_values
 from reports.tables import TABLE1, ablation_table, presentable
-from tests.test_reports import CELLS, _write_run
+from tests.conftest import REPORT_CELLS, write_run
 
 
 def integrated_power(effect, sd, n, alpha):
@@ -104,7 +104,7 @@ def _planner_records(runs_dir):
     for cell, mious in values.items():
         for seed, miou in enumerate(mious):
             name = f"{cell}_s{seed}"
-            _write_run(runs_dir, name, miou, pam=switches[cell][0], cam=switches[cell][1], seed=seed)
+            write_run(runs_dir, name, miou, pam=switches[cell][0], cam=switches[cell][1], seed=seed)
             summary = json.loads((runs_dir / name / "summary.json").read_text())
             summary["wall_time_s"] = minutes[cell] * 60.0
             (runs_dir / name / "summary.json").write_text(json.dumps(summary))
@@ -156,10 +156,10 @@ def test_the_exact_tests_power_where_the_t_test_has_80_percent(n):
 
 def test_table_power_columns_use_the_holm_family_of_the_table(tmp_path):
     runs = tmp_path / "runs"
-    for (pam, cam), mious in CELLS.items():  # PAM+CAM has 4 seeds: not in the Holm family of 2 rows
+    for (pam, cam), mious in REPORT_CELLS.items():  # PAM+CAM has 4 seeds: not in the Holm family of 2 rows
         for seed, miou in enumerate(mious):
-            _write_run(runs, f"r_{pam}_{cam}_s{seed}", miou, pam=pam, cam=cam, seed=seed)
-    _write_run(runs, "pam_energy_s0", 0.75, pam=True, cam=True, seed=0, cam_energy="paper")  # one pair
+            write_run(runs, f"r_{pam}_{cam}_s{seed}", miou, pam=pam, cam=cam, seed=seed)
+    write_run(runs, "pam_energy_s0", 0.75, pam=True, cam=True, seed=0, cam_energy="paper")  # one pair
     table = ablation_table(read_run_store(runs), TABLE1, effect=2.0)
     pam = table.iloc[1]
     assert (pam["holm_k"], pam["alpha_per_row"]) == (2, 0.025)

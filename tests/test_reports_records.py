@@ -13,13 +13,13 @@ import pytest
 
 from reports import make_tables
 from reports.tables import latex_escape, to_latex
-from tests.test_reports import CELLS, _write_run
+from tests.conftest import REPORT_CELLS, write_run
 
 
 def _table1_records(runs_dir):
-    for (pam, cam), values in CELLS.items():
+    for (pam, cam), values in REPORT_CELLS.items():
         for seed, miou in enumerate(values):
-            _write_run(runs_dir, f"r50_{pam}_{cam}_s{seed}", miou, pam=pam, cam=cam, seed=seed)
+            write_run(runs_dir, f"r50_{pam}_{cam}_s{seed}", miou, pam=pam, cam=cam, seed=seed)
     return runs_dir
 
 
@@ -57,8 +57,8 @@ def test_a_complete_record_without_a_final_miou_is_listed_warned_and_left_out(re
     assert "final_miou" in not_complete["reason"].iloc[0]
     table = pd.read_csv(tmp_path / "out" / "table1.csv")
     pam = table[(table["pam"]) & (~table["cam"])].iloc[0]
-    kept = np.delete(np.array(CELLS[(True, False)]) * 100, 2)
-    fcn = np.delete(np.array(CELLS[(False, False)]) * 100, 2)
+    kept = np.delete(np.array(REPORT_CELLS[(True, False)]) * 100, 2)
+    fcn = np.delete(np.array(REPORT_CELLS[(False, False)]) * 100, 2)
     assert pam["n"] == 4 and pam["mean"] == pytest.approx(kept.mean())  # out of the cell's mean and n
     assert pam["delta_n"] == 4 and pam["delta"] == pytest.approx(np.mean(kept - fcn))  # out of the pairs
     assert pam["p_value"] == pytest.approx(2 ** -4)  # 4 positive pairs, not a p of 0 from a NaN
@@ -109,7 +109,7 @@ def test_duplicates_newest_keeps_the_newest_and_says_so(records, tmp_path, capsy
     not_complete = pd.read_csv(tmp_path / "out" / "not_complete.csv")
     assert not_complete["run_id"].tolist() == ["r50_False_True_s1"]
     cam = pd.read_csv(tmp_path / "out" / "table1.csv").query("cam and not pam").iloc[0]
-    values = np.array(CELLS[(False, True)]) * 100
+    values = np.array(REPORT_CELLS[(False, True)]) * 100
     values[1] = 90.0
     assert cam["n"] == 5 and cam["mean"] == pytest.approx(values.mean())
     assert cam["minutes"] == pytest.approx((4 * 600 + 60) / 5 / 60)  # costs of the kept records only
@@ -156,7 +156,7 @@ def _compile(tex):
                     reason="pdflatex not installed (Debian: apt-get install texlive-latex-base)")
 def test_generated_table_compiles_with_pdflatex(records, tmp_path):
     for seed in range(3):  # a variant row puts an underscore in a cell
-        _write_run(records, f"paper_energy_s{seed}", 0.74, pam=True, cam=True, seed=seed, cam_energy="paper")
+        write_run(records, f"paper_energy_s{seed}", 0.74, pam=True, cam=True, seed=seed, cam_energy="paper")
     out = tmp_path / "out"
     assert _call(records, out) == 0
     tex = (out / "table1.tex").read_text()
