@@ -46,6 +46,12 @@ def _assert_grid_done_exactly_once(runs, grid_name="demo"):
     assert len({record["cell_hash"] for record in records}) == len(cells)
 
 
+def _four_cell_grid(tmp_path):
+    """Half the demo grid: enough cells for two workers to contend for, at half the cost."""
+    return str(write_grid(tmp_path / "four.yaml", {"fcn": {"pam": False, "cam": False}, "pam": {"pam": True, "cam": False}},
+                          seeds=(0, 1)))
+
+
 def _journal_study(path, name):
     return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(path))))
 
@@ -125,24 +131,24 @@ def test_sqlite_refuses_parallel_workers():
 @pytest.mark.slow
 def test_postgres_two_workers_share_the_grid_exactly_once(tmp_path, postgres_url):
     runs = tmp_path / "runs"
-    study = f"pg-{uuid.uuid4().hex[:8]}"
-    workers = [_driver("--grid", "demo", "--study", study, "--storage", postgres_url, "--",
+    study, grid = f"pg-{uuid.uuid4().hex[:8]}", _four_cell_grid(tmp_path)
+    workers = [_driver("--grid", grid, "--study", study, "--storage", postgres_url, "--",
                        *_tiny_run_flags(runs), cwd=tmp_path) for _ in range(2)]
     for worker in workers:
         output, _ = worker.communicate(timeout=600)
         assert worker.returncode == 0, output
-    _assert_grid_done_exactly_once(runs)
+    _assert_grid_done_exactly_once(runs, grid)
     trials = optuna.load_study(study_name=study, storage=postgres_url).get_trials(deepcopy=False)
     assert all(trial.state.is_finished() for trial in trials)  # no trial lost in RUNNING
-    assert {trial.params["cell"] for trial in trials} == set(load_grid("demo", GRIDS).cells)
+    assert {trial.params["cell"] for trial in trials} == set(load_grid(grid, GRIDS).cells)
 
 
 @pytest.mark.slow
 def test_postgres_killed_worker_trial_is_retried_and_the_grid_completes(tmp_path, postgres_url):
     runs = tmp_path / "runs"
-    study = f"pg-kill-{uuid.uuid4().hex[:8]}"
+    study, grid = f"pg-kill-{uuid.uuid4().hex[:8]}", _four_cell_grid(tmp_path)
     flags = _tiny_run_flags(runs, "--iterations", "24", "--checkpoint-every", "4", "--synthetic-train-images", "12")
-    first = _driver("--grid", "demo", "--study", study, "--storage", postgres_url, "--heartbeat", "1", "--",
+    first = _driver("--grid", grid, "--study", study, "--storage", postgres_url, "--heartbeat", "1", "--",
                     *flags, cwd=tmp_path)
     assert wait_for_checkpoint(runs, first), first.communicate()
     first.send_signal(signal.SIGKILL)
@@ -154,7 +160,7 @@ def test_postgres_killed_worker_trial_is_retried_and_the_grid_completes(tmp_path
     killed = running[0]
 
     time.sleep(4)  # past the grace period (3 heartbeats)
-    second = _driver("--grid", "demo", "--study", study, "--storage", postgres_url, "--heartbeat", "1", "--",
+    second = _driver("--grid", grid, "--study", study, "--storage", postgres_url, "--heartbeat", "1", "--",
                      *flags, cwd=tmp_path)
     output, _ = second.communicate(timeout=600)
     assert second.returncode == 0, output
@@ -163,7 +169,7 @@ def test_postgres_killed_worker_trial_is_retried_and_the_grid_completes(tmp_path
     retries = [t for t in trials if t.user_attrs.get("retry_of") == killed.number]
     assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
     assert retries[0].params == killed.params
-    _assert_grid_done_exactly_once(runs)
+    _assert_grid_done_exactly_once(runs, grid)
 
 
 @pytest.mark.slow

@@ -221,5 +221,6 @@ def test_table2s_multi_scale_row_is_made_of_the_evaluations_of_the_trained_check
     assert make_tables.main(["--runs-dir", str(runs), "--out", str(out), "--no-figures"]) == 0
     table = pd.read_csv(out / "table2.csv")
     assert table["mean"].tolist() == pytest.approx([70.1, 72.1, 73.1, 75.1]) and table["n"].tolist() == [3, 3, 3, 3]
-    assert "evaluation records (ms0.75-1-1.25-flip) of the trained cells' last checkpoints" in (out / "table2.md").read_text()
+    note = (out / "table2.md").read_text()
+    assert "evaluation records (ms0.75-1-1.25-flip) of the trained cells' last checkpoints" in note
     assert len(pd.read_csv(out / "runs.csv")) == 9  # the evaluations are rows of the table, not runs

@@ -8,8 +8,9 @@ so local appearance alone is ambiguous (at best 50% right between the red and bl
 pixel's label needs the key, which lies at the border, 10 to 30 pixels away. Measured, a dilated
 FCN reads the frame as often as PAM does: its receptive field spans the whole 64x64 image.
 
-`key="marker"` (the positive control's variant) removes the frame: the key is one small square of
-the key's color at a random spot, at least a quarter of the image away from every object. A
+`key="marker"` (built as a positive control) removes the frame: the key is one small square of the
+key's color at a random spot, placed to be a quarter of the image away from every object where it
+can be (14 to 25 pixels at 64x64). A
 convolution must carry a few pixels' worth of evidence across that distance; attention can look it
 up by its content, wherever it is.
 Everything is generated from (split, index): the same images for every run, no files.
@@ -63,8 +64,8 @@ def draw_sample(size: int, rng: np.random.Generator, key_style: str = "frame") -
 
 def draw_marker(image: np.ndarray, objects: list[tuple[int, int, int]], color: tuple[int, int, int],
                 rng: np.random.Generator) -> None:
-    """A square of side size/10 at a random spot whose gap to every object is at least size/4 (or as
-    large as 50 tries can find); its pixels are background in the label."""
+    """A square of side size/10 at a random spot whose gap to every object is at least size/4, or the
+    largest gap of 50 tries; its pixels are background in the label."""
     size = image.shape[0]
     side, wanted = max(size // 10, 2), size // 4
     best, best_gap = (0, 0), -1
