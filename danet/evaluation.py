@@ -71,12 +71,39 @@ def record_path(run_dir: Path, split: str, protocol: EvalConfig, checkpoint: Pat
     return run_dir / "evaluations" / f"{split}-{protocol.protocol_name()}-{digest}.json"
 
 
+def stored_evaluation(run_dir: Path, request: EvaluationRequest) -> tuple[dict[str, Any], Path] | None:
+    """The newest evaluation record of the run for this checkpoint name, split and protocol, found
+    without the checkpoint (a committed record keeps its evaluations, not its checkpoints)."""
+    if request.checkpoint not in CHECKPOINT_NAMES or not (run_dir / "config.yaml").is_file():
+        return None
+    cfg = RunConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    try:
+        protocol = section_from_dict(EvalConfig, dataclasses.asdict(cfg.eval) | request.protocol)
+    except ValueError:  # resolve() says what is wrong with it
+        return None
+    split = request.split or cfg.data.val_split
+    found = []
+    for path in (run_dir / "evaluations").glob(f"{split}-{protocol.protocol_name()}-*.json"):
+        record = json.loads(path.read_text())
+        if record.get("checkpoint") == request.checkpoint and record.get("split") == split:
+            found.append((record.get("created_at") or 0.0, str(path), record))
+    if not found:
+        return None
+    _, path, record = max(found, key=lambda item: item[:2])
+    return record, Path(path)
+
+
 def evaluate_run(run_dir: Path, request: EvaluationRequest, overwrite: bool = False) -> tuple[dict[str, Any], Path, bool]:
     """Evaluate a run's checkpoint once: (record, its path, whether it was computed now).
 
     Raises UsageError (a run without the checkpoint, bad protocol) or datasets.DataError (a missing
     split, a dataset whose classes do not match the checkpoint), each one line naming the thing.
+    A run whose checkpoint is gone still gives the record stored when it was there.
     """
+    gone = request.checkpoint in CHECKPOINT_NAMES and not (run_dir / "checkpoints" / f"{request.checkpoint}.pt").is_file()
+    stored = stored_evaluation(run_dir, request) if gone and not overwrite else None
+    if stored is not None:
+        return (*stored, False)
     cfg, protocol, split, path, state = resolve(run_dir, request)
     target = record_path(run_dir, split, protocol, path, state["iteration"])
     if target.is_file() and not overwrite:

@@ -1,6 +1,7 @@
 """ablations/evaluate.py: a checkpoint under another split or protocol, once, with the training code's metrics."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -42,7 +43,7 @@ def test_the_runs_own_protocol_reproduces_its_final_miou_exactly(trained, capsys
     assert "val whole mIoU" in capsys.readouterr().out
 
 
-def test_an_evaluation_is_computed_once_unless_overwritten(trained, capsys):
+def test_an_evaluation_is_computed_once_unless_overwritten(trained, tmp_path, capsys):
     argv = [str(trained), "--eval-scales", "0.75,1.0,1.25", "--eval-flip"]
     assert evaluate_script.main(argv) == 0
     path, = [path for path in _evaluations(trained) if path.name.startswith("val-ms0.75-1-1.25-flip-")]
@@ -55,6 +56,14 @@ def test_an_evaluation_is_computed_once_unless_overwritten(trained, capsys):
     assert "stored earlier" in capsys.readouterr().out and path.stat().st_mtime_ns == first
     assert evaluate_script.main([*argv, "--overwrite"]) == 0
     assert path.stat().st_mtime_ns != first
+    committed = tmp_path / trained.name  # a committed record: its evaluations, not its checkpoints
+    shutil.copytree(trained, committed, ignore=shutil.ignore_patterns("checkpoints"))
+    capsys.readouterr()
+    assert evaluate_script.main([str(committed), *argv[1:]]) == 0
+    assert "stored earlier" in capsys.readouterr().out
+    assert evaluate_script.main([str(committed), *argv[1:], "--overwrite"]) == 2  # computing needs the checkpoint
+    assert evaluate_script.main([str(committed), "--eval-flip"]) == 2  # and so does a protocol never evaluated
+    assert "has no checkpoint" in capsys.readouterr().err
 
 
 def test_protocol_names_come_from_the_settings():
@@ -113,6 +122,14 @@ def test_a_grid_study_evaluates_each_cell_after_it_trains(tmp_path):
         tracking = yaml.safe_load(path.read_text())["tracking"]
         assert tracking["grid"] == "tta" and tracking["design"] == "controlled"
         assert tracking["grid_cell"] in ("danet-head", "fcn-head")
+
+    for checkpoints in runs.glob("*/checkpoints"):  # as in a fresh clone of the committed records
+        shutil.rmtree(checkpoints)
+    again = subprocess.run([sys.executable, str(REPO / "sweeps" / "optuna_study.py"), "--grid", str(grid), "--study",
+                            "tta-again", "--", *tiny_flags(runs, "--iterations", "2", "--eval-every", "0")],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    output = again.stdout + again.stderr
+    assert again.returncode == 0 and "evaluation already there" in output and "skipped" not in output, output
 
 
 def test_an_evaluation_is_logged_to_the_w_and_b_run_it_evaluates(tmp_path, monkeypatch, capsys):
