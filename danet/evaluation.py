@@ -40,8 +40,13 @@ class EvaluationRequest:
     device: str = "auto"
 
 
+def checkpoint_file(run_dir: Path, checkpoint: str) -> Path:
+    """Where the named checkpoint ("last", "best") of a run is, or the path given."""
+    return run_dir / "checkpoints" / f"{checkpoint}.pt" if checkpoint in CHECKPOINT_NAMES else Path(checkpoint)
+
+
 def checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
-    path = run_dir / "checkpoints" / f"{checkpoint}.pt" if checkpoint in CHECKPOINT_NAMES else Path(checkpoint)
+    path = checkpoint_file(run_dir, checkpoint)
     if not path.is_file():
         raise UsageError(f"run {run_dir} has no checkpoint {path} (checkpoints are kept beside the record; "
                          "a committed record without them cannot be evaluated again)")
@@ -100,7 +105,7 @@ def evaluate_run(run_dir: Path, request: EvaluationRequest, overwrite: bool = Fa
     split, a dataset whose classes do not match the checkpoint), each one line naming the thing.
     A run whose checkpoint is gone still gives the record stored when it was there.
     """
-    gone = request.checkpoint in CHECKPOINT_NAMES and not (run_dir / "checkpoints" / f"{request.checkpoint}.pt").is_file()
+    gone = request.checkpoint in CHECKPOINT_NAMES and not checkpoint_file(run_dir, request.checkpoint).is_file()
     stored = stored_evaluation(run_dir, request) if gone and not overwrite else None
     if stored is not None:
         return (*stored, False)

@@ -10,9 +10,8 @@ FCN reads the frame as often as PAM does: its receptive field spans the whole 64
 
 `key="marker"` (built as a positive control) removes the frame: the key is one small square of the
 key's color at a random spot, placed to be a quarter of the image away from every object where it
-can be (14 to 25 pixels at 64x64). A
-convolution must carry a few pixels' worth of evidence across that distance; attention can look it
-up by its content, wherever it is.
+can be (14 to 25 pixels at 64x64). A convolution must carry a few pixels' worth of evidence across
+that distance; attention can look it up by its content, wherever it is.
 Everything is generated from (split, index): the same images for every run, no files.
 """
 
