@@ -5,7 +5,7 @@
     python ablations/evaluate.py runs/RUN --split test --checkpoint best --data-root /data/camvid
 
 Writes RUN/evaluations/<split>-<protocol>-<hash>.json (a protocol is named from its settings:
-whole, slide, ms0.75-1-1.25-flip, ...; `make_tables.py --split S --protocol NAME` tabulates it).
+whole, slide-w768-s512, ms0.75-1-1.25-flip, ...; `make_tables.py --split S --protocol NAME` tabulates it).
 The same (checkpoint, split, protocol) is evaluated once: a second call prints the stored result.
 Exit status: 0 done, 2 usage or data error (one line naming the thing).
 """

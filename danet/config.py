@@ -249,9 +249,15 @@ class EvalConfig:
         _require(all(scale > 0 for scale in self.eval_scales), f"eval_scales must be > 0, got {self.eval_scales!r}")
         _require(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size!r}")
 
+    def protocol_settings(self) -> dict[str, Any]:
+        """The fields that make the test protocol (all but the batch size)."""
+        return {name: getattr(self, name) for name in ("eval_mode", "eval_window", "eval_stride", "eval_scales",
+                                                        "eval_flip")}
+
     def protocol_name(self) -> str:
-        """The protocol's name in records and reports: whole, slide, ms0.75-1-1.25-flip, slide-flip, ..."""
-        parts = ["slide"] if self.eval_mode == "slide" else []
+        """The protocol's name in records and reports, one per protocol: whole, slide-w768-s512,
+        ms0.75-1-1.25-flip, slide-w768-s512-flip, ..."""
+        parts = [f"slide-w{self.eval_window}-s{self.eval_stride}"] if self.eval_mode == "slide" else []
         if self.eval_scales != (1.0,):
             parts.append("ms" + "-".join(f"{scale:g}" for scale in self.eval_scales))
         if self.eval_flip:
@@ -286,10 +292,15 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eva
             "tracking": TrackingConfig}
 
 
+def defaults_by_cell_rule(rule: str) -> dict[str, Any]:
+    """The default of each field (of every section) whose part in the cell identity is `rule`."""
+    return {field.name: field.default if field.default is not dataclasses.MISSING else field.default_factory()
+            for section in SECTIONS.values() for field in dataclasses.fields(section) if field.metadata["cell"] == rule}
+
+
 def fields_by_cell_rule(rule: str) -> frozenset[str]:
     """Names of the fields (of every section) whose part in the cell identity is `rule`."""
-    return frozenset(field.name for section in SECTIONS.values() for field in dataclasses.fields(section)
-                     if field.metadata["cell"] == rule)
+    return frozenset(defaults_by_cell_rule(rule))
 
 
 @dataclass(frozen=True)

@@ -58,15 +58,28 @@ def resolve(run_dir: Path, request: EvaluationRequest) -> tuple[RunConfig, EvalC
     if not (run_dir / "summary.json").is_file():
         raise UsageError(f"{run_dir} is not a run folder (no summary.json)")
     path = checkpoint_path(run_dir, request.checkpoint)
-    state = load_checkpoint(path)
-    cfg = RunConfig.from_dict(state["config"])
     try:
-        protocol = section_from_dict(EvalConfig, dataclasses.asdict(cfg.eval) | request.protocol)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+        state = load_checkpoint(path)
+        cfg = RunConfig.from_dict(state["config"])
+    except Exception as error:  # torch.load raises many kinds, with many lines, on a truncated or foreign file
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise UsageError(f"checkpoint {path} cannot be read ({type(error).__name__}: {first})") from None
     if request.data_root:
         cfg = cfg.replace("data", data_root=request.data_root)
-    return cfg, protocol, request.split or cfg.data.val_split, path, state
+    return cfg, requested_protocol(cfg, request), request.split or cfg.data.val_split, path, state
+
+
+def requested_protocol(cfg: RunConfig, request: EvaluationRequest) -> EvalConfig:
+    """The run's own protocol with the request's changes; a window or stride without slide is an error."""
+    settings = dataclasses.asdict(cfg.eval) | request.protocol
+    for name in ("eval_window", "eval_stride"):
+        if name in request.protocol and settings["eval_mode"] != "slide":
+            raise UsageError(f"--{name.replace('_', '-')} needs --eval-mode slide (the run's own mode is "
+                             f"{cfg.eval.eval_mode})")
+    try:
+        return section_from_dict(EvalConfig, settings)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def record_path(run_dir: Path, split: str, protocol: EvalConfig, checkpoint: Path, iteration: int) -> Path:
@@ -82,15 +95,14 @@ def stored_evaluation(run_dir: Path, request: EvaluationRequest) -> tuple[dict[s
     if request.checkpoint not in CHECKPOINT_NAMES or not (run_dir / "config.yaml").is_file():
         return None
     cfg = RunConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    try:
-        protocol = section_from_dict(EvalConfig, dataclasses.asdict(cfg.eval) | request.protocol)
-    except ValueError:  # resolve() says what is wrong with it
-        return None
+    protocol = requested_protocol(cfg, request)
     split = request.split or cfg.data.val_split
+    settings = json.loads(json.dumps(protocol.protocol_settings(), default=list))
     found = []
     for path in (run_dir / "evaluations").glob(f"{split}-{protocol.protocol_name()}-*.json"):
         record = json.loads(path.read_text())
-        if record.get("checkpoint") == request.checkpoint and record.get("split") == split:
+        if (record.get("checkpoint"), record.get("split"), record.get("protocol_settings")) == \
+                (request.checkpoint, split, settings):
             found.append((record.get("created_at") or 0.0, str(path), record))
     if not found:
         return None
@@ -128,9 +140,7 @@ def evaluate_run(run_dir: Path, request: EvaluationRequest, overwrite: bool = Fa
     summary = read_summary(run_dir) or {}
     record = {
         "run_id": run_dir.name, "cell_hash": summary.get("cell_hash", cfg.cell_hash()), "split": split,
-        "protocol": protocol.protocol_name(), "protocol_settings": {
-            name: getattr(protocol, name) for name in ("eval_mode", "eval_window", "eval_stride", "eval_scales",
-                                                        "eval_flip")},
+        "protocol": protocol.protocol_name(), "protocol_settings": protocol.protocol_settings(),
         "checkpoint": request.checkpoint, "checkpoint_iteration": state["iteration"], "miou": scores.miou,
         "pixel_accuracy": scores.pixel_accuracy, "per_class_iou": dict(zip(dataset.class_names, scores.iou)),
         "absent_classes": [dataset.class_names[i] for i in scores.absent],

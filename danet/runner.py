@@ -147,7 +147,14 @@ def run_cell(prepared: Prepared, *, resume: bool, overwrite: bool = False, extra
         distributed.broadcast(("train", str(store.checkpoint_dir / "last.pt") if checkpoint else None), context)
         wandb_id = (previous or {}).get("wandb_id") if checkpoint else None
         return _train(store, prepared, checkpoint, wandb_id, extra_trackers, on_eval, console or stderr_console(),
-                      context)
+                      context, _earlier_segments(previous) if checkpoint else {})
+
+
+def _earlier_segments(previous: dict[str, Any]) -> dict[str, Any]:
+    """What a resumed run's earlier segments cost: their count and the wall time they recorded (a
+    segment killed without a word, SIGKILL, leaves none; its time is not in the sum)."""
+    earlier = previous.get("wall_time_s", previous.get("earlier_wall_time_s", 0.0))
+    return {"segments": previous.get("segments", 1) + 1, "earlier_wall_time_s": earlier}
 
 
 def _stop_all(context: distributed.Context, outcome: Outcome) -> Outcome:
@@ -168,12 +175,14 @@ def _follow_main(prepared: Prepared, context: distributed.Context) -> Outcome:
 
 
 def _train(store: RunStore, prepared: Prepared, checkpoint: dict | None, wandb_id: str | None,
-           extra_trackers: tuple[Tracker, ...], on_eval, console: Console, context: distributed.Context) -> Outcome:
-    """Rank 0 with the lock: start the record and the trackers, train, finish the record."""
+           extra_trackers: tuple[Tracker, ...], on_eval, console: Console, context: distributed.Context,
+           earlier: dict[str, Any]) -> Outcome:
+    """Rank 0 with the lock: start the record and the trackers, train, finish the record. A
+    resumed run's wall_time_s is the sum over its segments (`earlier`: those before this one)."""
     cfg = prepared.cfg
     resume_step = checkpoint["iteration"] if checkpoint else None
     info = run_info(cfg, prepared.device, context.world_size)
-    store.start(info, resume_from_step=resume_step)
+    store.start(info | earlier, resume_from_step=resume_step)
     trackers: list[Tracker] = [store, *extra_trackers]
     if cfg.tracking.wandb != "disabled":
         try:
@@ -188,6 +197,7 @@ def _train(store: RunStore, prepared: Prepared, checkpoint: dict | None, wandb_i
         ranks = f" x {context.world_size} ranks" if context.enabled else ""
         console.print(f"{cfg.cell_name()}: {start}, {cfg.train.iterations} iterations on {info['device']}{ranks}")
     status, exit_code, summary = _fit(prepared, tracker, store.checkpoint_dir, checkpoint, on_eval, context)
+    summary["wall_time_s"] += earlier.get("earlier_wall_time_s", 0.0)
     tracker.finish(status, summary)
     message = "" if status == STATUS_COMPLETE else f"run {status}: {summary['reason']} (record: {store.dir})"
     return Outcome(status, exit_code, store.summary, store.dir, message)

@@ -162,23 +162,23 @@ def main(argv: list[str] | None = None) -> int:
     if evaluated and args.metric != "final_miou":
         parser.error("--split / --protocol take the evaluation's mIoU: --metric best_miou does not apply")
     console = stderr_console()
+    suffix = "".join(f"-{part}" for part in (args.split, args.protocol) if part)
+    stale = [path for path in our_outputs(args.out, suffix) if path.exists()]
+    for path in stale:  # written by an earlier call: never left beside this call's output, nor alone
+        path.unlink()
     try:
         runs, where = load_runs(args)
     except (NoRunsFound, UsageError) as error:  # UsageError: a storage string Optuna's tools would not take
         print(f"{parser.prog}: {error}", file=sys.stderr)
         return 2
 
-    suffix = "".join(f"-{part}" for part in (args.split, args.protocol) if part)
-    stale = [path for path in our_outputs(args.out, suffix) if path.exists()]
-    for path in stale:  # written by an earlier call: never left beside this call's runs.csv
-        path.unlink()
     left_out = [runs.loc[runs["status"] != "complete", ["run_id", "status", "reason"]]]
     numbers = f"each run's {args.metric} from its summary.json"
     table_runs = runs
+    evaluations, unreadable = read_evaluations(runs)  # for --split / --protocol, and Table 2's MS row
+    for line in unreadable:
+        print(f"{parser.prog}: warning: {line}", file=sys.stderr)
     if evaluated:
-        evaluations, unreadable = read_evaluations(runs)
-        for line in unreadable:
-            print(f"{parser.prog}: warning: {line}", file=sys.stderr)
         table_runs, missing, numbers = with_evaluation_numbers(runs, evaluations, args.split, args.protocol)
         left_out.append(missing)
     usable, unusable = usable_runs(table_runs, args.metric)
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         for layout in (TABLE1, TABLE2):
             of_layout = layout_runs
             if layout is TABLE2 and not evaluated and not layout_runs.empty:  # its MS row: evaluations of checkpoints
-                of_layout = pd.concat([layout_runs, multi_scale_rows(layout_runs, read_evaluations(layout_runs)[0])],
+                of_layout = pd.concat([layout_runs, multi_scale_rows(layout_runs, evaluations)],
                                       ignore_index=True)
             if not of_layout.empty and layout_applies(of_layout, layout):
                 table = ablation_table(of_layout, layout, args.metric, **statistics)

@@ -6,6 +6,7 @@ becomes a row with status "unreadable" and the reason, so that the reports list 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -13,16 +14,17 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from danet.config import IN_CELL_UNLESS_DEFAULT, RunConfig, defaults_by_cell_rule
+
 RESULT_COLUMNS = ("status", "reason", "final_miou", "best_miou", "final_pixel_accuracy", "wall_time_s",
                   "images_per_second", "peak_memory_mb", "iterations", "device", "cell_hash", "study", "trial",
                   "finished_at")
 IOU_PREFIX = "IoU/"
 UNREADABLE = "unreadable"
-# Config fields added after records were committed: a record without one ran with its default.
-# A missing or empty design is not a default: records made before grids declared one, or runs
-# launched outside any grid.
-FIELD_DEFAULTS = {"head": "danet", "aux_branches": "attention", "deterministic": False, "grid": "", "grid_cell": "",
-                  "design": "not recorded"}
+# Config fields added after records were committed (in the cell unless at their default): a record
+# without one ran with its default. A missing or empty design is not a default: records made before
+# grids declared one, or runs launched outside any grid.
+FIELD_DEFAULTS = {**defaults_by_cell_rule(IN_CELL_UNLESS_DEFAULT), "grid": "", "grid_cell": "", "design": "not recorded"}
 MACHINE_NOT_RECORDED = "machine not recorded"
 
 
@@ -40,13 +42,24 @@ def flatten_config(config: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def machine_label(summary: dict[str, Any]) -> tuple[str, str]:
-    """(kind, label) of the machine a run used: the GPU name on CUDA, else the CPU model."""
+    """(kind, label) of the machine a run used: on CUDA the GPU name and compute capability, else
+    the CPU model with its vector capability and a digest of its flags (a virtual machine may name
+    only the vendor, as "AMD EPYC", for CPUs whose kernels differ)."""
     machine = summary.get("machine")
     if not isinstance(machine, dict):
         return MACHINE_NOT_RECORDED, MACHINE_NOT_RECORDED
     kind = str(machine.get("kind") or "")
-    label = machine.get("gpu_name") if kind == "cuda" else machine.get("cpu_model")
-    return kind or MACHINE_NOT_RECORDED, str(label or f"{kind or 'unknown'} (model not recorded)")
+    if kind == "cuda":
+        name, details = machine.get("gpu_name"), [f"compute capability {machine['compute_capability']}"
+                                                   if machine.get("compute_capability") else ""]
+    else:
+        flags = machine.get("cpu_flags")
+        name = machine.get("cpu_model")
+        details = [machine.get("cpu_capability") or "",
+                   f"CPU flags {hashlib.sha256(flags.encode()).hexdigest()[:6]}" if flags else ""]
+    label = str(name or f"{kind or 'unknown'} (model not recorded)")
+    details = [detail for detail in details if detail]
+    return kind or MACHINE_NOT_RECORDED, f"{label} ({', '.join(details)})" if details else label
 
 
 def record_row(config: dict[str, dict[str, Any]], summary: dict[str, Any], run_id: str) -> dict[str, Any]:
@@ -121,6 +134,13 @@ def read_metrics(run_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame([json.loads(line) for line in lines if line.strip()])
 
 
+def _cell_hash(config: dict[str, dict[str, Any]]) -> str | None:
+    try:
+        return RunConfig.from_dict(config).cell_hash()
+    except (TypeError, ValueError, KeyError):  # a config this version cannot read: no hash, no duplicate check
+        return None
+
+
 def read_wandb(path: str, sweep: str | None = None, api=None) -> pd.DataFrame:
     """Runs of a W&B project (ENTITY/PROJECT), optionally of one sweep: summaries and configs in
     one paged query (no histories: those are down-sampled and slow to pull, SWEEPS.md)."""
@@ -138,6 +158,8 @@ def read_wandb(path: str, sweep: str | None = None, api=None) -> pd.DataFrame:
         summary.setdefault("final_miou", summary.get("final/mIoU"))
         summary.setdefault("best_miou", (summary.get("val/mIoU") or {}).get("max")
                            if isinstance(summary.get("val/mIoU"), dict) else summary.get("val/mIoU"))
+        summary.setdefault("cell_hash", _cell_hash(config))  # so that re-runs of a cell are seen as duplicates
+        summary.setdefault("finished_at", getattr(run, "heartbeat_at", None))
         if config:
             rows.append(record_row(config, summary, run.id))
     return _frame(rows, f"W&B {path}" + (f" sweep {sweep}" if sweep else ""))
@@ -175,19 +197,38 @@ def _settings(evaluation: pd.Series) -> dict[str, Any]:
     return {key: settings.get(key) for key in ("eval_mode", "eval_window", "eval_stride", "eval_scales", "eval_flip")}
 
 
+def _evaluations_of(run: pd.Series, evaluations: pd.DataFrame, split: str) -> pd.DataFrame:
+    if evaluations.empty:
+        return evaluations
+    return evaluations[(evaluations["run_dir"] == run.get("run_dir")) & (evaluations["split"] == split)]
+
+
+def _scored_by(run: pd.Series, evaluation: pd.Series) -> pd.Series:
+    """The run's row with mIoU, pixel accuracy and per-class IoU taken from one evaluation record."""
+    row = run.copy()
+    row[[column for column in row.index if column.startswith(IOU_PREFIX)]] = float("nan")
+    for name, value in evaluation["per_class_iou"].items():
+        row[IOU_PREFIX + name] = value
+    row["final_miou"], row["final_pixel_accuracy"] = evaluation["miou"], evaluation["pixel_accuracy"]
+    row["score_source"] = evaluation["evaluation"]
+    return row
+
+
+def _frame_of(rows: list[pd.Series], like: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame(rows).infer_objects() if rows else like.iloc[0:0]
+
+
 def with_evaluation_numbers(runs: pd.DataFrame, evaluations: pd.DataFrame, split: str | None,
                             protocol: str | None) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """The complete runs with final_miou, final_pixel_accuracy and the per-class IoUs taken from
     their evaluation record of `split` (default: the run's val split) and `protocol` (default: the
     run's own final protocol), the last checkpoint preferred; the complete runs without such a
     record (run_id, status, reason); and a label of the numbers for the table."""
-    complete = runs[runs["status"] == "complete"].copy()
-    complete[[column for column in complete if column.startswith(IOU_PREFIX)]] = float("nan")
-    chosen, missing, protocols = [], [], set()
-    for index, run in complete.iterrows():
+    complete = runs[runs["status"] == "complete"]
+    scored, missing, protocols = [], [], set()
+    for _, run in complete.iterrows():
         run_split = split or run.get("val_split")
-        candidates = evaluations[(evaluations["run_dir"] == run.get("run_dir")) & (evaluations["split"] == run_split)] \
-            if not evaluations.empty else evaluations
+        candidates = _evaluations_of(run, evaluations, run_split)
         if protocol:
             candidates = candidates[candidates["protocol"] == protocol]
         elif not candidates.empty:
@@ -200,14 +241,10 @@ def with_evaluation_numbers(runs: pd.DataFrame, evaluations: pd.DataFrame, split
         last = candidates[candidates["checkpoint"] == "last"]
         evaluation = (last if not last.empty else candidates).sort_values("created_at").iloc[-1]
         protocols.add(evaluation["protocol"])
-        complete.loc[index, ["final_miou", "final_pixel_accuracy", "score_source"]] = \
-            [evaluation["miou"], evaluation["pixel_accuracy"], evaluation["evaluation"]]
-        for name, value in evaluation["per_class_iou"].items():
-            complete.loc[index, IOU_PREFIX + name] = value
-        chosen.append(index)
+        scored.append(_scored_by(run, evaluation))
     label = (f"evaluation records on split {split or VAL_SPLIT}, protocol "
              f"{protocol or OWN_PROTOCOL + ' (' + ', '.join(sorted(protocols)) + ')'}, last checkpoint where evaluated")
-    return complete.loc[chosen], pd.DataFrame(missing, columns=["run_id", "status", "reason"]), label
+    return _frame_of(scored, complete), pd.DataFrame(missing, columns=["run_id", "status", "reason"]), label
 
 
 TRAINING_COST_COLUMNS = ("wall_time_s", "images_per_second", "peak_memory_mb")
@@ -219,26 +256,21 @@ def multi_scale_rows(runs: pd.DataFrame, evaluations: pd.DataFrame) -> pd.DataFr
     or flip (other than the run's own) becomes a row of its own: the run's settings with that
     protocol's, the evaluation's numbers, run_id RUN@PROTOCOL. The cost columns are left empty:
     they measured the training, not this evaluation."""
-    rows = []
     if evaluations.empty:
         return runs.iloc[0:0]
+    rows = []
     for _, run in runs.iterrows():
-        mine = evaluations[(evaluations["run_dir"] == run.get("run_dir")) & (evaluations["split"] == run.get("val_split"))
-                           & (evaluations["checkpoint"] == "last")]
+        mine = _evaluations_of(run, evaluations, run.get("val_split"))
+        mine = mine[mine["checkpoint"] == "last"]
         for _, evaluation in mine.sort_values("created_at").groupby("protocol").tail(1).iterrows():
             settings = _settings(evaluation)
             if settings == _own_protocol(run) or (len(settings["eval_scales"]) <= 1 and not settings["eval_flip"]):
                 continue
-            row = run.copy()
+            row = _scored_by(run, evaluation)
             for key, value in settings.items():
                 row[key] = value
-            row[[column for column in row.index if column.startswith(IOU_PREFIX)]] = float("nan")
-            for name, value in evaluation["per_class_iou"].items():
-                row[IOU_PREFIX + name] = value
             row["run_id"] = f"{run['run_id']}@{evaluation['protocol']}"
-            row["final_miou"], row["final_pixel_accuracy"] = evaluation["miou"], evaluation["pixel_accuracy"]
-            row["score_source"] = evaluation["evaluation"]
             for column in TRAINING_COST_COLUMNS:
                 row[column] = float("nan")
             rows.append(row)
-    return pd.DataFrame(rows) if rows else runs.iloc[0:0]
+    return _frame_of(rows, runs)

@@ -133,12 +133,17 @@ def design_of(runs: pd.DataFrame) -> str:
     return declared.pop() if declared else sorted(designs)[0]
 
 
+def _varies(values: pd.Series) -> bool:
+    """Whether a setting takes more than one value; a missing value (NaN) counts as one of them."""
+    return values.astype(str).nunique(dropna=False) > 1
+
+
 def check_not_mixed(runs: pd.DataFrame, rows: list[str], design: str = DESIGN_NOT_RECORDED,
                     cell_names: dict[tuple, str] | None = None) -> None:
     """Refuse a cell whose runs differ in anything but the seed, naming the differing fields."""
     others = [column for column in setting_columns(runs) if column not in rows and column != "seed"]
     for key, group in runs.groupby(rows, dropna=False):
-        differing = [column for column in others if group[column].astype(str).nunique() > 1]
+        differing = [column for column in others if _varies(group[column])]
         if differing:
             key = key if isinstance(key, tuple) else (key,)
             name = (cell_names or {}).get(key) or str(dict(zip(rows, key)))
@@ -238,7 +243,7 @@ def ablation_table(runs: pd.DataFrame, layout: Layout, metric: str = "final_miou
     if complete.empty:
         raise MixedCellError("no complete runs to tabulate")
     design = design_of(complete)
-    varying = [field for field in layout.variants if field in complete and complete[field].astype(str).nunique() > 1]
+    varying = [field for field in layout.variants if field in complete and _varies(complete[field])]
     rows = [column for column in layout.rows if column in complete.columns] + varying
     check_not_mixed(complete, rows, design)
     paper_dataset, paper_columns, paper = paper_reference(layout)
@@ -331,7 +336,7 @@ def grid_tables(runs: pd.DataFrame, spec: GridSpec, metric: str = "final_miou", 
     if design == "controlled":
         firsts = complete.groupby("grid_cell").first()
         differing = [column for column in setting_columns(complete) if column not in spec.switches | {"seed"}
-                     and column in firsts and firsts[column].astype(str).nunique() > 1]
+                     and column in firsts and _varies(firsts[column])]
         if differing:
             raise MixedCellError(f"grid {spec.name} (design: controlled) has cells that differ in {differing}, "
                                  f"which are not switches it studies ({sorted(spec.switches)})")
@@ -401,9 +406,12 @@ def _mde_text(row: pd.Series, alpha: float) -> str:
         return ""
     if row["delta_n"] < 2:
         return "sd unknown (n<2)"
-    if not row["significance_possible"]:
-        return f"cannot reach p < {alpha:g} after Holm with {_rows(int(row['holm_k']))} and {int(row['delta_n'])} seeds"
-    return _number(row["mde"])
+    if row["significance_possible"]:
+        return _number(row["mde"])
+    k, n = int(row["holm_k"]), int(row["delta_n"])
+    why = (f"cannot reach p < {alpha:g} after Holm with {_rows(k)} and {n} seeds (2^-{n} = {2.0 ** -n:.3g} > "
+           f"{alpha:g}/{k})" if k > 1 else f"cannot reach p < {alpha:g} with {n} seeds (2^-{n} = {2.0 ** -n:.3g})")
+    return "; ".join(part for part in (_number(row["mde"]), why) if part)
 
 
 def _seeds_text(row: pd.Series) -> str:

@@ -64,13 +64,20 @@ def test_an_evaluation_is_computed_once_unless_overwritten(trained, tmp_path, ca
     assert evaluate_script.main([str(committed), *argv[1:], "--overwrite"]) == 2  # computing needs the checkpoint
     assert evaluate_script.main([str(committed), "--eval-flip"]) == 2  # and so does a protocol never evaluated
     assert "has no checkpoint" in capsys.readouterr().err
+    stored, = (committed / "evaluations").glob("val-ms0.75-1-1.25-flip-*.json")
+    record = json.loads(stored.read_text())
+    record["protocol_settings"]["eval_window"] = 512  # a record of other settings under the same name
+    stored.write_text(json.dumps(record))
+    assert evaluate_script.main([str(committed), *argv[1:]]) == 2
+    assert "has no checkpoint" in capsys.readouterr().err
 
 
 def test_protocol_names_come_from_the_settings():
     assert EvalConfig().protocol_name() == "whole"
-    assert EvalConfig(eval_mode="slide").protocol_name() == "slide"
+    assert EvalConfig(eval_mode="slide").protocol_name() == "slide-w768-s512"
+    assert EvalConfig(eval_mode="slide", eval_window=512, eval_stride=256).protocol_name() == "slide-w512-s256"
     assert EvalConfig(eval_scales=(0.75, 1.0, 1.25), eval_flip=True).protocol_name() == "ms0.75-1-1.25-flip"
-    assert EvalConfig(eval_mode="slide", eval_flip=True).protocol_name() == "slide-flip"
+    assert EvalConfig(eval_mode="slide", eval_flip=True).protocol_name() == "slide-w768-s512-flip"
 
 
 def test_bad_inputs_exit_2_with_one_line_naming_the_thing(tmp_path, trained, camvid_tree, capsys):
@@ -82,6 +89,11 @@ def test_bad_inputs_exit_2_with_one_line_naming_the_thing(tmp_path, trained, cam
 
     assert "is not a run folder (no summary.json)" in error_of([str(tmp_path)])
     assert "has no checkpoint" in error_of([str(trained), "--checkpoint", "best-of-all.pt"])
+    (tmp_path / "torn.pt").write_bytes(b"not a checkpoint")
+    assert f"checkpoint {tmp_path / 'torn.pt'} cannot be read" in error_of(
+        [str(trained), "--checkpoint", str(tmp_path / "torn.pt")])
+    assert "--eval-window needs --eval-mode slide (the run's own mode is whole)" in error_of(
+        [str(trained), "--eval-window", "32"])
 
     runs = tmp_path / "runs"
     camvid = tiny_flags(runs, "--dataset", "camvid", "--data-root", str(camvid_tree), "--iterations", "2",

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import optuna
 import pytest
@@ -172,6 +173,11 @@ def test_postgres_killed_worker_trial_is_retried_and_the_grid_completes(tmp_path
     _assert_grid_done_exactly_once(runs, grid)
 
 
+def _installed(tool: str) -> str:
+    """The console script installed beside this interpreter (the venv need not be on PATH)."""
+    return str(Path(sys.executable).parent / tool)
+
+
 @pytest.mark.slow
 def test_optunas_own_tools_read_the_study(tmp_path):
     """The storage strings are Optuna's own: its CLI and optuna-dashboard read the study, and so do our reports."""
@@ -190,7 +196,7 @@ def test_optunas_own_tools_read_the_study(tmp_path):
     assert trial.user_attrs["seed"] in (0, 1) and "run_dir" in trial.user_attrs  # sliceable by setting
     assert _journal_study(tmp_path / journal, "tools").metric_names == ["val mIoU"]
 
-    listed = subprocess.run(["optuna", "trials", "--storage", journal, "--storage-class", "JournalFileBackend",
+    listed = subprocess.run([_installed("optuna"), "trials", "--storage", journal, "--storage-class", "JournalFileBackend",
                              "--study-name", "tools", "-f", "json"], cwd=tmp_path, capture_output=True, text=True)
     assert listed.returncode == 0, listed.stderr
     assert sorted(row["params"]["cell"] for row in json.loads(listed.stdout)) == ["fcn_seed=0", "fcn_seed=1"]
@@ -211,14 +217,14 @@ def test_optunas_own_tools_read_the_study(tmp_path):
     sqlite = f"sqlite:///{tmp_path / 'copy.db'}"  # a database URL works the same way for Optuna's CLI
     optuna.copy_study(from_study_name="tools", from_storage=JournalStorage(JournalFileBackend(str(tmp_path / journal))),
                       to_storage=sqlite)
-    listed = subprocess.run(["optuna", "trials", "--storage", sqlite, "--study-name", "tools", "-f", "json"],
+    listed = subprocess.run([_installed("optuna"), "trials", "--storage", sqlite, "--study-name", "tools", "-f", "json"],
                             capture_output=True, text=True)
     assert listed.returncode == 0 and len(json.loads(listed.stdout)) == 2, listed.stderr
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    dashboard = subprocess.Popen(["optuna-dashboard", journal, "--host", "127.0.0.1", "--port", str(port)],
+    dashboard = subprocess.Popen([_installed("optuna-dashboard"), journal, "--host", "127.0.0.1", "--port", str(port)],
                                  cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         body = None

@@ -180,8 +180,9 @@ def test_attention_figure_from_a_checkpoint(tmp_path):
 
 
 class _FakeRun:
-    def __init__(self, run_id, state, config, summary):
+    def __init__(self, run_id, state, config, summary, heartbeat_at="2026-11-30T12:00:00Z"):
         self.id, self.state, self.config, self.summary = run_id, state, config, summary
+        self.heartbeat_at = heartbeat_at
 
 
 class _FakeApi:
@@ -210,6 +211,23 @@ def test_wandb_source_reads_configs_and_summaries_in_one_query():
     assert frame.loc[0, "final_miou"] == 0.71 and frame.loc[0, "best_miou"] == 0.72
     assert frame.loc[0, "backbone"] == "resnet50"
     assert len(read_wandb("me/proj", sweep="s1", api=_FakeApi(runs))) == 1
+
+
+def test_wandb_reruns_of_a_cell_are_duplicates_like_local_ones():
+    from reports.sources import read_wandb
+    from reports.tables import DuplicateRunsError, resolve_duplicates
+
+    config = RunConfig.from_dict({"model": {"num_classes": 19}}).to_dict()
+    other = RunConfig.from_dict({"model": {"num_classes": 19}, "train": {"seed": 1}}).to_dict()
+    runs = [_FakeRun("first", "finished", config, {"final/mIoU": 0.70}, "2026-11-30T10:00:00Z"),
+            _FakeRun("again", "finished", config, {"final/mIoU": 0.71}, "2026-11-30T11:00:00Z"),
+            _FakeRun("seed1", "finished", other, {"final/mIoU": 0.72})]
+    frame = read_wandb("me/proj", api=_FakeApi(runs))
+    assert frame.loc[0, "cell_hash"] == frame.loc[1, "cell_hash"] == RunConfig.from_dict(config).cell_hash()
+    with pytest.raises(DuplicateRunsError, match="first and again are complete records of the same cell"):
+        resolve_duplicates(frame, keep_newest=False)
+    kept, dropped = resolve_duplicates(frame, keep_newest=True)
+    assert kept["run_id"].tolist() == ["again", "seed1"] and dropped["run_id"].tolist() == ["first"]
 
 
 def test_optuna_source_reads_the_records_of_the_studys_trials(table1_runs, tmp_path):

@@ -2,6 +2,7 @@
 with declared comparisons, evaluation records (--split / --protocol), the two baselines labelled
 apart, the design and the machines under a table, and old records without the new fields."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -9,6 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from danet.config import IN_CELL_UNLESS_DEFAULT, defaults_by_cell_rule
 from reports import make_tables
 from reports.sources import read_run_store
 from reports.stats import holm, sign_flip_p_value
@@ -146,22 +148,56 @@ def test_the_two_baselines_are_labelled_apart_and_the_paper_number_goes_to_the_f
 def test_runs_from_several_kinds_of_machine_are_said_under_the_table(tmp_path):
     runs = tmp_path / "runs"
     h200 = {"kind": "cuda", "cpu_model": "AMD EPYC", "gpu_name": "NVIDIA H200", "compute_capability": "9.0"}
+    epyc = {"kind": "cpu", "cpu_model": "AMD EPYC", "cpu_capability": "AVX2", "cpu_flags": "fpu sse avx2"}
     for seed in range(2):
         new_record(runs, f"base_s{seed}", 0.70, seed, pam=False, cam=False, machine=h200)
         new_record(runs, f"pam_s{seed}", 0.72, seed, pam=True, cam=False)
+        new_record(runs, f"cam_s{seed}", 0.71, seed, pam=False, cam=True, machine=epyc)
+    # the same name on another CPU generation: told apart by its capability and flags
+    new_record(runs, "cam_s2", 0.71, 2, pam=False, cam=True, machine=epyc | {"cpu_capability": "AVX512",
+                                                                              "cpu_flags": "fpu sse avx2 avx512f"})
     write_run(runs, "old_s2", 0.71, pam=True, cam=False, seed=2)  # made before records said their machine
     out = tmp_path / "out"
     assert make_tables.main(["--runs-dir", str(runs), "--out", str(out), "--no-figures"]) == 0
-    assert ("Runs from more than one kind of machine: Intel Xeon Platinum 8480+ (2 runs); NVIDIA H200 (2 runs); "
-            "machine not recorded (1 runs).") in (out / "table1.md").read_text()
+    digest = hashlib.sha256(b"fpu sse avx2").hexdigest()[:6]
+    assert ("Runs from more than one kind of machine: AMD EPYC (AVX2, CPU flags " + digest + ") (2 runs); AMD EPYC "
+            "(AVX512, CPU flags ") in (out / "table1.md").read_text()
+    assert ") (1 runs); Intel Xeon Platinum 8480+ (2 runs); NVIDIA H200 (compute capability 9.0) (2 runs); "\
+        "machine not recorded (1 runs)." in (out / "table1.md").read_text()
+
+
+def old_record(runs_dir, name, miou, seed, **fields):
+    """A record made before the fields added later (in the cell unless at their default) and before
+    grids declared a design: its config.yaml lacks them."""
+    write_run(runs_dir, name, miou, seed=seed, **fields)
+    config = yaml.safe_load((runs_dir / name / "config.yaml").read_text())
+    added = set(defaults_by_cell_rule(IN_CELL_UNLESS_DEFAULT)) | {"grid", "grid_cell", "design"}
+    config = {section: {key: value for key, value in values.items() if key not in added}
+              for section, values in config.items()}
+    (runs_dir / name / "config.yaml").write_text(yaml.safe_dump(config))
 
 
 def test_old_records_read_with_the_defaults_of_the_new_fields(tmp_path):
-    write_run(tmp_path / "runs", "old", 0.7, seed=0)
+    old_record(tmp_path / "runs", "old", 0.7, seed=0)
+    assert "synthetic_key" not in (tmp_path / "runs" / "old" / "config.yaml").read_text()
     row = read_run_store(tmp_path / "runs").iloc[0]
-    assert (row["head"], row["aux_branches"], row["deterministic"], row["grid"], row["grid_cell"]) == \
-        ("danet", "attention", False, "", "")
-    assert row["design"] == "not recorded" and row["machine"] == "machine not recorded"
+    added = defaults_by_cell_rule(IN_CELL_UNLESS_DEFAULT)
+    assert {"head", "aux_branches", "synthetic_key", "deterministic"} <= set(added)
+    assert {name: row[name] for name in added} == added
+    assert (row["grid"], row["grid_cell"], row["design"], row["machine"]) == \
+        ("", "", "not recorded", "machine not recorded")
+
+
+def test_an_old_record_pools_with_new_ones_at_the_default_but_not_with_another_value(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for seed in range(3):
+        old_record(runs, f"old_s{seed}", 0.70, seed, pam=False, cam=False)
+        write_run(runs, f"pam_s{seed}", 0.72, seed=seed, pam=True, cam=False)
+    write_run(runs, "new_s3", 0.71, seed=3, pam=False, cam=False)  # synthetic_key: frame, written out
+    assert make_tables.main(["--runs-dir", str(runs), "--out", str(tmp_path / "out"), "--no-figures"]) == 0
+    write_run(runs, "marker_s4", 0.71, seed=4, pam=False, cam=False, synthetic_key="marker")
+    assert make_tables.main(["--runs-dir", str(runs), "--out", str(tmp_path / "out"), "--no-figures"]) == 2
+    assert "synthetic_key" in capsys.readouterr().err
 
 
 def write_evaluation(run_dir, split, protocol, miou, settings, checkpoint="last"):
@@ -207,7 +243,7 @@ def test_evaluation_records_fill_the_table_when_asked(tmp_path, capsys):
     assert (out / "table1-ms0.75-1-1.25-flip.md").exists()  # another suffix: left alone
 
 
-def test_table2s_multi_scale_row_is_made_of_the_evaluations_of_the_trained_checkpoints(tmp_path):
+def test_table2s_multi_scale_row_is_made_of_the_evaluations_of_the_trained_checkpoints(tmp_path, capsys):
     runs = tmp_path / "runs"
     cells = {"base": (False, False, 0.70), "da": (True, False, 0.72), "da-mg": (True, True, 0.73)}
     for cell, (random_scale, multi_grid, miou) in cells.items():
@@ -217,8 +253,10 @@ def test_table2s_multi_scale_row_is_made_of_the_evaluations_of_the_trained_check
             if cell == "da-mg":
                 write_evaluation(runs / name, "val", "ms0.75-1-1.25-flip", 0.75 + 0.001 * seed, TTA)
                 write_evaluation(runs / name, "val", "ms0.75-1-1.25-flip", 0.10, TTA, checkpoint="best")  # not the last
+    (runs / "da-mg_s0" / "evaluations" / "val-ms2-torn.json").write_text("{")
     out = tmp_path / "out"
     assert make_tables.main(["--runs-dir", str(runs), "--out", str(out), "--no-figures"]) == 0
+    assert "warning: evaluation record" in capsys.readouterr().err  # a torn record is said, not skipped silently
     table = pd.read_csv(out / "table2.csv")
     assert table["mean"].tolist() == pytest.approx([70.1, 72.1, 73.1, 75.1]) and table["n"].tolist() == [3, 3, 3, 3]
     note = (out / "table2.md").read_text()

@@ -72,8 +72,8 @@ def sign_flip_power(effect, sd, n, alpha, draws, rng):
     return float((sign_flip_p_values(rng.normal(effect, sd, (draws, n))) <= alpha).mean())
 
 
-@pytest.mark.parametrize("effect, sd, k", [(1.0, 1.2, 3), (1.0, 1.0, 4), (1.0, 0.6, 1)])
-def test_the_exact_tests_real_power_at_seeds_needed(effect, sd, k):
+@pytest.mark.parametrize("effect, sd, k, quoted", [(1.0, 1.2, 3, 0.839), (1.0, 1.0, 4, 0.835), (1.0, 0.6, 1, 0.787)])
+def test_the_exact_tests_real_power_at_seeds_needed(effect, sd, k, quoted):
     """seeds_needed comes from the t-test; the exact sign-flip test the tables use has somewhat less
     power there. The README quotes these figures (pytest -s prints them)."""
     n = seeds_needed(effect, sd, 0.05 / k)
@@ -81,6 +81,7 @@ def test_the_exact_tests_real_power_at_seeds_needed(effect, sd, k):
     print(f"\neffect {effect}, sd {sd}, Holm over {k}: seeds_needed {n}, t-test power "
           f"{paired_t_power(effect, sd, n, 0.05 / k):.3f}, sign-flip power (4000 draws) {power:.3f}")
     assert 0.65 <= power <= paired_t_power(effect, sd, n, 0.05 / k) + 0.03
+    assert power == pytest.approx(quoted, abs=0.02)  # the README's figure (a seeded simulation)
 
 
 def test_aa_the_exact_test_and_holm_keep_their_false_positive_rate():
@@ -145,13 +146,14 @@ def test_the_planner_plans_only_the_cells_asked_for(tmp_path, capsys):
     assert "no comparison has the treatment ['xam']" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("n", [5, 8])
-def test_the_exact_tests_power_where_the_t_test_has_80_percent(n):
+@pytest.mark.parametrize("n, quoted", [(5, 0.633), (8, 0.785)])
+def test_the_exact_tests_power_where_the_t_test_has_80_percent(n, quoted):
     """At the t-test's 80%-power effect (alpha 0.05, no Holm) the exact test has less power at small n."""
     effect = minimum_detectable_effect(1.0, n, 0.05)
     power = sign_flip_power(effect, 1.0, n, 0.05, 20_000, np.random.default_rng(n))
     print(f"\nn = {n}: t-test 80%-power effect {effect:.3f} sd; sign-flip power (20000 draws) {power:.3f}")
     assert 0.55 <= power <= 0.82
+    assert power == pytest.approx(quoted, abs=0.02)  # the README's figure (a seeded simulation)
 
 
 def test_table_power_columns_use_the_holm_family_of_the_table(tmp_path):
@@ -168,5 +170,17 @@ def test_table_power_columns_use_the_holm_family_of_the_table(tmp_path):
     assert not pam["significance_possible"]  # 2^-5 > 0.025
     text = presentable(table, TABLE1, "no attention", None, effect=2.0)
     mde, seeds = text["MDE (80% power)"], text["seeds for Δ = +2 (80% power)"]
-    assert mde.iloc[1] == "cannot reach p < 0.05 after Holm with 2 rows and 5 seeds"
+    assert mde.iloc[1] == (f"{pam['mde']:.2f}; cannot reach p < 0.05 after Holm with 2 rows and 5 seeds "
+                           "(2^-5 = 0.0312 > 0.05/2)")
     assert mde.iloc[4] == seeds.iloc[4] == "sd unknown (n<2)" and mde.iloc[0] == ""
+
+
+def test_with_one_row_the_seeds_not_holm_are_the_limit(tmp_path):
+    runs = tmp_path / "runs"
+    for pam in (False, True):
+        for seed, miou in enumerate(REPORT_CELLS[(pam, False)][:3]):
+            write_run(runs, f"r_{pam}_s{seed}", miou, pam=pam, cam=False, seed=seed)
+    table = ablation_table(read_run_store(runs), TABLE1)
+    text = presentable(table, TABLE1, "no attention", None)
+    assert text["MDE (80% power)"].iloc[1] == \
+        f"{table.iloc[1]['mde']:.2f}; cannot reach p < 0.05 with 3 seeds (2^-3 = 0.125)"

@@ -124,6 +124,9 @@ def test_a_failed_call_leaves_no_stale_tables_beside_its_runs_csv(records, tmp_p
     assert _call(records, out) == 2
     assert sorted(path.name for path in out.iterdir()) == ["not_complete.csv", "notes.txt", "runs.csv"]
     assert len(pd.read_csv(out / "runs.csv")) == 20  # this call's 19 records and the copy
+    (tmp_path / "no-runs").mkdir()
+    assert _call(tmp_path / "no-runs", out) == 2  # nothing to report: nothing of an earlier call stays either
+    assert sorted(path.name for path in out.iterdir()) == ["notes.txt"]
 
 
 NASTY = r"50% of a_b & c #1 $x {y} ~z^2 \w <a> |b| ± Δ − ≤ P(> FCN)"

@@ -34,9 +34,15 @@ def test_committed_records_are_cells_of_the_grid_under_the_current_preset(grid, 
 def test_controlled_records_carry_their_grid_and_their_test_time_augmentation():
     runs = read_run_store(REPO / "results" / "camvid_cpu_controlled" / "runs")
     assert set(runs["design"]) == {"controlled"} and set(runs["grid"]) == {"camvid_cpu_controlled"}
-    for run_dir in runs["run_dir"]:  # each run's final checkpoint, evaluated with flip + 3 scales right after it
-        evaluation, = Path(run_dir).glob("evaluations/val-ms0.75-1-1.25-flip-*.json")
-        assert 0 < json.loads(evaluation.read_text())["miou"] < 1
+    for run in runs.itertuples():  # each run's final checkpoint, evaluated with flip + 3 scales right after it
+        path, = Path(run.run_dir).glob("evaluations/val-ms0.75-1-1.25-flip-*.json")
+        evaluation = json.loads(path.read_text())
+        assert (evaluation["cell_hash"], evaluation["split"], evaluation["checkpoint"]) == (run.cell_hash, "val", "last")
+        assert evaluation["checkpoint_iteration"] == run.iterations == 300
+        assert evaluation["protocol_settings"] | {"eval_window": None, "eval_stride": None} == {
+            "eval_mode": "whole", "eval_window": None, "eval_stride": None, "eval_scales": [0.75, 1.0, 1.25],
+            "eval_flip": True}
+        assert 0 < evaluation["miou"] < 1 and evaluation["miou"] != run.final_miou
 
 
 @pytest.mark.slow

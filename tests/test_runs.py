@@ -136,6 +136,7 @@ def test_sigkilled_run_resumes_at_once_to_exactly_the_same_metrics(tmp_path):
     assert run_cli(tiny_flags(killed_runs, *settings, "--resume")) == 0
     reference, resumed = summary_of(reference_runs), summary_of(killed_runs)
     assert resumed["status"] == "complete"
+    assert resumed["segments"] == 2 and resumed["earlier_wall_time_s"] == 0.0  # the killed segment left no time
     assert resumed["final_miou"] == reference["final_miou"]
     assert resumed["per_class_iou"] == reference["per_class_iou"]
 
@@ -165,7 +166,11 @@ def test_a_stop_signal_checkpoints_records_preempted_and_resumes_exactly(tmp_pat
     assert 0 < stopped_at < 60  # a checkpoint between the periodic ones (there are none here)
     assert torch.load(only_run_dir(runs) / "checkpoints" / "last.pt", weights_only=True)["iteration"] == stopped_at
     assert run_cli(tiny_flags(runs, *settings, "--resume")) == 0
-    assert summary_of(runs)["final_miou"] == summary_of(reference_runs)["final_miou"]
+    resumed = summary_of(runs)
+    assert resumed["final_miou"] == summary_of(reference_runs)["final_miou"]
+    # the record's cost is the whole run's: both segments' wall time
+    assert resumed["segments"] == 2 and resumed["earlier_wall_time_s"] == summary["wall_time_s"]
+    assert resumed["wall_time_s"] > summary["wall_time_s"]
 
 
 def test_wandb_offline_writes_its_run_directory(tmp_path, monkeypatch):

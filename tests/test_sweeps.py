@@ -1,5 +1,6 @@
 """Grids, W&B sweep files and agents, without a W&B server."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ agents = load_script("sweeps/agents.py")
 make_sweeps = load_script("sweeps/make_sweeps.py")
 
 
-@pytest.mark.parametrize("name, cells", [("table1", 24), ("table2", 9), ("camvid_cpu", 26), ("demo", 8)])
+@pytest.mark.parametrize("name, cells", [("table1", 30), ("table2", 9), ("camvid_cpu", 26), ("demo", 8)])
 def test_grids_expand_to_their_cells(name, cells):
     grid = load_grid(name, GRIDS)
     assert len(grid.cells) == cells
@@ -65,10 +66,12 @@ def test_a_grid_declares_its_design_and_a_controlled_one_shares_one_recipe(tmp_p
 
 
 def test_table1_cells_carry_the_papers_tied_settings():
-    fcn = resolve(["--grid", "table1", "--cell", "fcn_backbone=resnet101_seed=2"])
+    fcn = resolve(["--grid", "table1", "--cell", "fcn-head_backbone=resnet101_seed=2"])
+    no_attention = resolve(["--grid", "table1", "--cell", "danet-head_backbone=resnet101_seed=2"])
     both = resolve(["--grid", "table1", "--cell", "pam-cam_backbone=resnet50_seed=0"])
-    assert (fcn.model.pam, fcn.model.cam, fcn.model.aux, fcn.train.lr) == (False, False, False, 0.01)
+    assert (fcn.model.head, fcn.model.pam, fcn.model.cam, fcn.model.aux, fcn.train.lr) == ("fcn", False, False, False, 0.01)
     assert fcn.model.backbone == "resnet101" and fcn.train.seed == 2 and fcn.data.crop_size == 768
+    assert no_attention.model.head == "danet" and dataclasses.replace(no_attention.model, head="fcn") == fcn.model
     assert (both.model.pam, both.model.cam, both.model.aux, both.train.lr) == (True, True, True, 0.003)
     table2 = load_grid("table2", GRIDS)
     assert not any(cell_id.startswith("da-mg-ms") for cell_id in table2.cells)  # MS is an evaluation, not a retrain
