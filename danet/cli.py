@@ -27,7 +27,7 @@ from danet.config import (
     resolve_run_config,
 )
 from danet.console import stderr_console
-from danet.grids import grid_cell, load_grid
+from danet.grids import Evaluation, grid_cell, load_grid
 
 DEFAULT_PRESET = "demo"
 # the reports tool of a source checkout (it reads records; the library does not need it)
@@ -221,14 +221,17 @@ def main(argv: list[str] | None = None, preset_dir: Path | None = None) -> int:
         prepared = runner.prepare(cfg, context)
     except (UsageError, ValueError, datasets.DataError, BackboneWeightsError) as error:
         return usage_error(runner.one_line(error))
+    evaluations = load_grid(args.grid, preset_dir.parent / "grids").evaluations if args.grid else []
     try:
-        return _run_and_report(args, prepared, context, prog, usage_error)
+        return _run_and_report(args, prepared, context, prog, usage_error, evaluations)
     finally:
         distributed.stop()
 
 
-def _run_and_report(args: argparse.Namespace, prepared, context, prog: str, usage_error) -> int:
+def _run_and_report(args: argparse.Namespace, prepared, context, prog: str, usage_error,
+                    evaluations: list[Evaluation]) -> int:
     from danet import runner
+    from danet.evaluation import run_grid_evaluations
     from danet.tracking import STATUS_COMPLETE, RunStore
 
     console = stderr_console()
@@ -245,13 +248,16 @@ def _run_and_report(args: argparse.Namespace, prepared, context, prog: str, usag
         return outcome.exit_code
     if outcome.status in (runner.EXISTS, runner.BUSY):
         return usage_error(outcome.message)
-    if outcome.status == runner.SKIPPED:
-        console.print(outcome.message)
-        return EXIT_OK
-    if outcome.status != STATUS_COMPLETE:
+    if outcome.status not in (runner.SKIPPED, STATUS_COMPLETE):
         print(f"{prog}: {outcome.message}", file=sys.stderr)
         return outcome.exit_code
-    if not cfg.tracking.quiet:
-        print_summary(console, cfg, outcome.summary, prepared.data.class_names, outcome.run_dir)
-    print(f"final val mIoU {outcome.summary['final_miou']:.4f}  record: {outcome.run_dir}")
+    if outcome.status == runner.SKIPPED:
+        console.print(outcome.message)
+    else:
+        if not cfg.tracking.quiet:
+            print_summary(console, cfg, outcome.summary, prepared.data.class_names, outcome.run_dir)
+        print(f"final val mIoU {outcome.summary['final_miou']:.4f}  record: {outcome.run_dir}")
+    # the grid's test protocols for this cell, as the Optuna driver runs them (a skipped one is said, not fatal)
+    run_grid_evaluations(outcome.run_dir, cfg.tracking.grid_cell, evaluations,
+                         lambda line: console.print(line, markup=False, soft_wrap=True))
     return EXIT_OK

@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import yaml
 from torch.utils.data import DataLoader
@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from danet import data as datasets
 from danet.config import EvalConfig, RunConfig, UsageError, section_from_dict
 from danet.engine import autocast_options, evaluate, load_checkpoint, pick_device
+from danet.grids import Evaluation
 from danet.models import build
 from danet.provenance import library_versions, machine_info
 from danet.tracking import atomic_write_text, json_safe, read_summary
@@ -150,6 +151,28 @@ def evaluate_run(run_dir: Path, request: EvaluationRequest, overwrite: bool = Fa
     }
     atomic_write_text(target, json.dumps(json_safe(record), indent=2, default=list) + "\n")
     return json.loads(target.read_text()), target, True
+
+
+def run_grid_evaluations(run_dir: Path, grid_cell: str, evaluations: Sequence[Evaluation],
+                         say: Callable[[str], None]) -> tuple[list[dict[str, Any]], list[str]]:
+    """A grid's evaluations of one named cell on the checkpoint its run just wrote, each protocol
+    once, for every launcher (run.py --grid, so W&B agents and Slurm tasks; the Optuna driver): the
+    records, and the reasons of those skipped (a reused record whose checkpoint is gone and that
+    has no stored evaluation of that protocol)."""
+    records, skipped = [], []
+    for evaluation in evaluations:
+        if not evaluation.applies_to(grid_cell):
+            continue
+        try:
+            record, path, fresh = evaluate_run(run_dir, EvaluationRequest(evaluation.checkpoint, evaluation.split,
+                                                                          evaluation.protocol))
+        except (UsageError, datasets.DataError) as error:
+            say(f"evaluation of {run_dir.name} skipped: {error}")
+            skipped.append(str(error))
+            continue
+        say(f"evaluation {'done' if fresh else 'already there'}: {path} val mIoU {record['miou']:.4f}")
+        records.append(record)
+    return records, skipped
 
 
 def log_to_wandb(run_dir: Path, record: dict[str, Any], mode: str) -> str:

@@ -27,9 +27,8 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from danet.config import RunConfig, UsageError, field_section, find_yaml, merge, resolve_run_config
-from danet.data import DataError
 from danet.engine import StopRun
-from danet.evaluation import EvaluationRequest, evaluate_run
+from danet.evaluation import run_grid_evaluations
 from danet.grids import Evaluation, load_grid
 from danet.runner import BUSY, SKIPPED, Outcome, prepare, run_cell
 from danet.storage import default_storage, open_storage, storage_kind
@@ -299,19 +298,13 @@ class Objective:
 
     def _evaluate(self, trial: optuna.Trial, cfg: RunConfig, run_dir: Path) -> None:
         """The grid's evaluations of this cell, on the checkpoint it just wrote (each protocol once)."""
-        for evaluation in self.spec.evaluations:
-            if not evaluation.applies_to(cfg.tracking.grid_cell):
-                continue
-            request = EvaluationRequest(evaluation.checkpoint, evaluation.split, evaluation.protocol)
-            try:
-                record, path, fresh = evaluate_run(run_dir, request)
-            except (UsageError, DataError) as error:  # e.g. a reused record whose checkpoint is gone
-                self.console.print(f"evaluation of {run_dir.name} skipped: {error}", markup=False, soft_wrap=True)
-                trial.set_user_attr("evaluation_skipped", str(error))
-                continue
+        records, skipped = run_grid_evaluations(
+            run_dir, cfg.tracking.grid_cell, self.spec.evaluations,
+            lambda line: self.console.print(line, markup=False, soft_wrap=True))
+        for record in records:
             trial.set_user_attr(f"eval/{record['split']}/{record['protocol']}", record["miou"])
-            self.console.print(f"evaluation {'done' if fresh else 'already there'}: {path} val mIoU "
-                               f"{record['miou']:.4f}", markup=False, soft_wrap=True)
+        if skipped:
+            trial.set_user_attr("evaluation_skipped", "; ".join(skipped))
 
 
 class ProgressLine:

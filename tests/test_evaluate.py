@@ -144,6 +144,22 @@ def test_a_grid_study_evaluates_each_cell_after_it_trains(tmp_path):
     assert again.returncode == 0 and "evaluation already there" in output and "skipped" not in output, output
 
 
+def test_run_py_with_a_grid_cell_runs_the_grids_evaluations_so_every_launcher_does(tmp_path, capsys):
+    """W&B agents, Slurm tasks and the offline executor launch run.py --grid G --cell C."""
+    grid = write_grid(tmp_path / "tta.yaml", {"danet-head": {"pam": False, "cam": False},
+                                              "fcn-head": {"head": "fcn", "pam": False, "cam": False}},
+                      evaluations=[{"of": ["fcn-head"], "eval_scales": [0.75, 1.0], "eval_flip": True}])
+    runs = tmp_path / "runs"
+    flags = tiny_flags(runs, "--iterations", "2", "--eval-every", "0")
+    for cell in ("danet-head_seed=0", "fcn-head_seed=0"):
+        assert run_cli(["--grid", str(grid), "--cell", cell, *flags]) == 0
+    record, = [json.loads(path.read_text()) for path in runs.glob("*/evaluations/*.json")]
+    assert (record["protocol"], record["run_id"].split("_")[2]) == ("ms0.75-1-flip", "fcn-head")
+    assert "evaluation done" in capsys.readouterr().err
+    assert run_cli(["--grid", str(grid), "--cell", "fcn-head_seed=0", *flags, "--resume"]) == 0  # a reused record
+    assert "evaluation already there" in capsys.readouterr().err
+
+
 def test_an_evaluation_is_logged_to_the_w_and_b_run_it_evaluates(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_SILENT", "true")
     runs = tmp_path / "runs"
