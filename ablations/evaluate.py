@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from danet.cli import BoolFlag, OneLineErrorParser, parse_float_list
-from danet.config import EXIT_OK, EXIT_USAGE, UsageError
+from danet.config import EXIT_OK, EXIT_USAGE, PROTOCOL_FIELDS, UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,8 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    protocol = {name: getattr(args, name) for name in ("eval_mode", "eval_window", "eval_stride", "eval_scales",
-                                                       "eval_flip") if getattr(args, name) is not None}
+    protocol = {name: getattr(args, name) for name in PROTOCOL_FIELDS if getattr(args, name) is not None}
 
     from danet.data import DataError  # torch: only once an evaluation is asked for
     from danet.evaluation import EvaluationRequest, evaluate_run, log_to_wandb

@@ -231,6 +231,9 @@ class TrainConfig:
         _require(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every!r}")
 
 
+PROTOCOL_FIELDS = ("eval_mode", "eval_window", "eval_stride", "eval_scales", "eval_flip")  # EvalConfig's test protocol
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """The test protocol of the final evaluation (what the record reports)."""
@@ -251,8 +254,7 @@ class EvalConfig:
 
     def protocol_settings(self) -> dict[str, Any]:
         """The fields that make the test protocol (all but the batch size)."""
-        return {name: getattr(self, name) for name in ("eval_mode", "eval_window", "eval_stride", "eval_scales",
-                                                        "eval_flip")}
+        return {name: getattr(self, name) for name in PROTOCOL_FIELDS}
 
     def protocol_name(self) -> str:
         """The protocol's name in records and reports, one per protocol: whole, slide-w768-s512,

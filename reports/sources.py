@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from danet.config import IN_CELL_UNLESS_DEFAULT, RunConfig, defaults_by_cell_rule
+from danet.config import IN_CELL_UNLESS_DEFAULT, PROTOCOL_FIELDS, RunConfig, defaults_by_cell_rule
 
 RESULT_COLUMNS = ("status", "reason", "final_miou", "best_miou", "final_pixel_accuracy", "wall_time_s",
                   "images_per_second", "peak_memory_mb", "iterations", "device", "cell_hash", "study", "trial",
@@ -185,16 +185,17 @@ VAL_SPLIT = "each run's val split"
 
 def _own_protocol(run: pd.Series) -> dict[str, Any]:
     """The run's final-evaluation settings, as an evaluation record's protocol_settings."""
-    return {"eval_mode": run.get("eval_mode"), "eval_window": run.get("eval_window"),
-            "eval_stride": run.get("eval_stride"), "eval_scales": tuple(float(s) for s in run.get("eval_scales") or ()),
-            "eval_flip": bool(run.get("eval_flip"))}
+    return _normalised({name: run.get(name) for name in PROTOCOL_FIELDS})
 
 
 def _settings(evaluation: pd.Series) -> dict[str, Any]:
-    settings = dict(evaluation["protocol_settings"])
-    settings["eval_scales"] = tuple(float(s) for s in settings.get("eval_scales") or ())
-    settings["eval_flip"] = bool(settings.get("eval_flip"))
-    return {key: settings.get(key) for key in ("eval_mode", "eval_window", "eval_stride", "eval_scales", "eval_flip")}
+    return _normalised({name: evaluation["protocol_settings"].get(name) for name in PROTOCOL_FIELDS})
+
+
+def _normalised(settings: dict[str, Any]) -> dict[str, Any]:
+    """Protocol settings comparable whether read from a run row or from an evaluation record's JSON."""
+    return settings | {"eval_scales": tuple(float(scale) for scale in settings["eval_scales"] or ()),
+                       "eval_flip": bool(settings["eval_flip"])}
 
 
 def _evaluations_of(run: pd.Series, evaluations: pd.DataFrame, split: str) -> pd.DataFrame:
