@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             rows, cols = args.rows.split(","), [column for column in args.cols.split(",") if column]
             generic = generic_table(usable, rows, cols, args.metric)
             generic.columns = [f"{'/'.join(cols)}={value}" for value in generic.columns] if cols else ["mIoU (%)"]
-    except (MixedCellError, DuplicateRunsError, KeyError) as error:
+    except (MixedCellError, DuplicateRunsError, KeyError, UsageError) as error:  # UsageError: a broken grid file
         print(f"{parser.prog}: {error}", file=sys.stderr)
         return 2
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from danet.config import UsageError
 from reports.make_tables import GRIDS_DIR, layout_applies
 from reports.sources import NoRunsFound, read_run_store
 from reports.stats import MAX_SEEDS, POWER, minimum_detectable_effect, seeds_needed, smallest_p_value
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs = read_run_store(args.runs_dir)
         cells, comparisons = pilot(runs, args.metric, args.grids_dir)
-    except (NoRunsFound, MixedCellError, DuplicateRunsError) as error:
+    except (NoRunsFound, MixedCellError, DuplicateRunsError, UsageError) as error:  # UsageError: a broken grid file
         print(f"{parser.prog}: {error}", file=sys.stderr)
         return 2
     if args.cells:

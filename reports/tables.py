@@ -13,7 +13,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from danet.config import NOT_IN_CELL, fields_by_cell_rule
+from danet.config import NOT_IN_CELL, field_section, fields_by_cell_rule
+from danet.grids import load_grid
 from reports.sources import IOU_PREFIX, MACHINE_NOT_RECORDED
 from reports.stats import (
     POWER,
@@ -309,18 +310,19 @@ class GridSpec:
 
 
 def load_grid_spec(grids_dir: Path, name: str) -> GridSpec | None:
-    """ablations/grids/<name>.yaml read as plain YAML; None when the file is missing."""
+    """ablations/grids/<name>.yaml, read by the same loader as the launchers; None when the file is
+    missing. A named cell's switches are its settings besides the seed and the tracking fields."""
     path = Path(grids_dir) / f"{name}.yaml"
     if not path.is_file():
         return None
-    grid = yaml.safe_load(path.read_text()) or {}
-    cells = dict(grid.get("cells") or {})
-    for block in grid.get("blocks") or []:
-        cells.update(block.get("cells") or {})
-    comparisons = [Comparison(str(item["name"]), str(item["treatment"]), str(item["baseline"]))
-                   for item in grid.get("comparisons") or []]
-    return GridSpec(name, str(grid.get("design", DESIGN_NOT_RECORDED)), {key: dict(value or {}) for key, value in
-                                                                        cells.items()}, comparisons)
+    grid = load_grid(str(path), Path(grids_dir))
+    cells: dict[str, dict[str, Any]] = {}
+    for settings in grid.cells.values():
+        switches = {field: value for field, value in settings.items()
+                    if field != "seed" and field_section(field) != "tracking"}
+        cells.setdefault(settings["grid_cell"], {}).update(switches)
+    comparisons = [Comparison(**item) for item in grid.comparisons]
+    return GridSpec(grid.name, grid.design, cells, comparisons)
 
 
 def grid_tables(runs: pd.DataFrame, spec: GridSpec, metric: str = "final_miou", alpha: float = ALPHA,
@@ -479,7 +481,10 @@ SWITCH_LABELS = {"head": "Head", "pam": "PAM", "cam": "CAM", "aux": "Aux", "aux_
 def presentable_cells(cells: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame({"Cell": cells["cell"]})
     for column in cells.columns[1:cells.columns.get_loc("n")]:
-        out[SWITCH_LABELS.get(column, column)] = [_flag(value) for value in cells[column]]
+        values = cells[column]
+        if column == "aux_branches" and "aux" in cells:  # which branches would get a classifier says nothing without aux
+            values = values.where(cells["aux"].astype(bool) & cells.get("head", "danet").eq("danet"), False)
+        out[SWITCH_LABELS.get(column, column)] = [_flag(value) for value in values]
     _cell_columns(cells, out)
     _cost_columns(cells, out)
     return out

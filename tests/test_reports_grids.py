@@ -91,7 +91,9 @@ def test_a_controlled_grid_gets_a_cells_table_and_its_comparisons(tmp_path):
     assert "| attention with deep supervision | pam-cam-ds − danet-head-ds |" in markdown
     assert "Design: controlled (40 runs); grid camvid_cpu_controlled." in markdown
     assert "more than one kind of machine" not in markdown
-    assert "| danet-head | danet |  |  |  | attention | " in (out / "cells.md").read_text()
+    cells_md = (out / "cells.md").read_text()  # which branches get a classifier is shown only where aux is on
+    assert "| danet-head | danet |  |  |  |  | " in cells_md
+    assert "| pam-cam-ds | danet | yes | yes | yes | all | " in cells_md
 
 
 def test_six_seeds_cannot_reach_significance_over_four_comparisons(tmp_path):
@@ -114,6 +116,13 @@ def test_a_controlled_grid_refuses_cells_that_differ_in_more_than_its_switches(t
     (runs / "pam-cam_s1" / "config.yaml").write_text(yaml.safe_dump(config))  # now one cell mixes two lrs
     assert make_tables.main(["--runs-dir", str(runs), "--out", str(tmp_path / "out"), "--grids-dir", str(grids)]) == 2
     assert "cell pam-cam (design: controlled) mixes runs that differ in ['lr']" in capsys.readouterr().err
+
+
+def test_a_broken_grid_file_is_an_error_that_names_it(tmp_path, capsys):
+    runs, grids, _ = controlled_grid(tmp_path, seeds=2)  # read by the launchers' loader, with its checks
+    (grids / "camvid_cpu_controlled.yaml").write_text(yaml.safe_dump({**CONTROLLED, "design": "casual"}))
+    assert make_tables.main(["--runs-dir", str(runs), "--out", str(tmp_path / "out"), "--grids-dir", str(grids)]) == 2
+    assert "camvid_cpu_controlled.yaml: design must be one of" in capsys.readouterr().err
 
 
 def test_a_missing_grid_file_is_tolerated_with_a_warning(tmp_path, capsys):
