@@ -1,6 +1,7 @@
 """The published CamVid results: every committed CPU record is a complete run of a cell of its
 grid (camvid_cpu, camvid_cpu_controlled) under the current preset, one record per cell, and each
-committed table (CPU grid, GPU check) is what the report command rebuilds from its records."""
+committed table (the CPU grids, the GPU check, the controlled grid under both test protocols) is
+what the report command rebuilds from its records."""
 
 import json
 from pathlib import Path
@@ -24,7 +25,7 @@ def test_committed_records_are_cells_of_the_grid_under_the_current_preset(grid, 
     assert (runs["status"] == "complete").all(), runs.loc[runs["status"] != "complete", "run_id"].tolist()
     grid_hashes = {resolve_for_dataset(resolve(["--grid", grid, "--cell", cell_id]), CAMVID_CLASSES, 367)
                    .cell_hash() for cell_id in load_grid(grid, GRIDS).cells}
-    assert len(grid_hashes) == cells
+    assert len(grid_hashes) == cells and len(runs) == cells
     foreign = runs.loc[~runs["cell_hash"].isin(grid_hashes), "run_id"].tolist()
     assert not foreign, f"records that are not cells of the grid under the current preset: {foreign}"
     assert runs["cell_hash"].is_unique
@@ -45,11 +46,23 @@ def test_controlled_records_carry_their_grid_and_their_test_time_augmentation():
         assert 0 < evaluation["miou"] < 1 and evaluation["miou"] != run.final_miou
 
 
+PUBLISHED = [  # results folder, extra make_tables arguments, the tables it holds
+    ("camvid_cpu", [], ["table1"]),
+    ("camvid_gpu", [], ["table1"]),
+    ("camvid_cpu_controlled", [], ["cells", "comparisons"]),
+    ("camvid_cpu_controlled", ["--protocol", "ms0.75-1-1.25-flip"],
+     ["cells-ms0.75-1-1.25-flip", "comparisons-ms0.75-1-1.25-flip"]),
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("results", [REPO / "results" / "camvid_cpu", REPO / "results" / "camvid_gpu"],
-                         ids=lambda path: path.name)
-def test_published_table_rebuilds_from_the_committed_records(results, tmp_path):
-    assert make_tables.main(["--runs-dir", str(results / "runs"), "--out", str(tmp_path), "--no-figures"]) == 0
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "table1.csv"), pd.read_csv(results / "table1.csv"))
-    for name in ("table1.md", "table1.tex"):
-        assert (tmp_path / name).read_text() == (results / name).read_text(), name
+@pytest.mark.parametrize("folder, arguments, tables", PUBLISHED,
+                         ids=[" ".join([folder, *arguments]) for folder, arguments, _ in PUBLISHED])
+def test_published_tables_rebuild_from_the_committed_records(folder, arguments, tables, tmp_path):
+    results = REPO / "results" / folder
+    assert make_tables.main(["--runs-dir", str(results / "runs"), "--out", str(tmp_path), "--no-figures",
+                             *arguments]) == 0
+    for table in tables:
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / f"{table}.csv"), pd.read_csv(results / f"{table}.csv"))
+        for name in (f"{table}.md", f"{table}.tex"):
+            assert (tmp_path / name).read_text() == (results / name).read_text(), name
