@@ -243,7 +243,7 @@ def with_evaluation_numbers(runs: pd.DataFrame, evaluations: pd.DataFrame, split
         evaluation = (last if not last.empty else candidates).sort_values("created_at").iloc[-1]
         protocols.add(evaluation["protocol"])
         scored.append(_scored_by(run, evaluation))
-    label = (f"evaluation records on split {split or VAL_SPLIT}, protocol "
+    label = (f"evaluation records on {f'split {split}' if split else VAL_SPLIT}, protocol "
              f"{protocol or OWN_PROTOCOL + ' (' + ', '.join(sorted(protocols)) + ')'}, last checkpoint where evaluated")
     return _frame_of(scored, complete), pd.DataFrame(missing, columns=["run_id", "status", "reason"]), label
 

@@ -239,7 +239,7 @@ def test_evaluation_records_fill_the_table_when_asked(tmp_path, capsys):
                              "--protocol", "ms0.75-1-1.25-flip"]) == 0
     table = pd.read_csv(out / "table1-ms0.75-1-1.25-flip.csv")
     assert table["mean"].tolist() == pytest.approx([72.2, 74.2])
-    assert ("Numbers: evaluation records on split each run's val split, protocol ms0.75-1-1.25-flip"
+    assert ("Numbers: evaluation records on each run's val split, protocol ms0.75-1-1.25-flip"
             in (out / "table1-ms0.75-1-1.25-flip.md").read_text())
     assert not (out / "table1.md").exists()  # the default table is another file
     assert make_tables.main(["--runs-dir", str(runs), "--out", str(out), "--no-figures", "--split", "test"]) == 0

@@ -1,7 +1,7 @@
-"""The published CamVid results: every committed CPU record is a complete run of a cell of its
-grid (camvid_cpu, camvid_cpu_controlled) under the current preset, one record per cell, and each
-committed table (the CPU grids, the GPU check, the controlled grid under both test protocols) is
-what the report command rebuilds from its records."""
+"""The published results: every committed CPU record is a complete run of a cell of its grid
+(camvid_cpu, camvid_cpu_controlled, synthetic_control) under the current preset, one record per
+cell, and each committed table (the CPU grids, the GPU check, the controlled grid under both test
+protocols, the synthetic positive control) is what the report command rebuilds from its records."""
 
 import json
 from pathlib import Path
@@ -15,15 +15,18 @@ from reports import make_tables
 from reports.sources import read_run_store
 from tests.conftest import GRIDS, REPO, resolve
 
-CAMVID_CLASSES = 11
+CAMVID = (11, 367)  # classes, training images
+SYNTHETIC = (5, 2048)  # the synthetic training set's default size
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("grid, cells", [("camvid_cpu", 26), ("camvid_cpu_controlled", 40)])
-def test_committed_records_are_cells_of_the_grid_under_the_current_preset(grid, cells):
-    runs = read_run_store(REPO / "results" / grid / "runs")
+@pytest.mark.parametrize("folder, grid, cells, dataset", [("camvid_cpu", "camvid_cpu", 26, CAMVID),
+                                                          ("camvid_cpu_controlled", "camvid_cpu_controlled", 40, CAMVID),
+                                                          ("synthetic", "synthetic_control", 16, SYNTHETIC)])
+def test_committed_records_are_cells_of_the_grid_under_the_current_preset(folder, grid, cells, dataset):
+    runs = read_run_store(REPO / "results" / folder / "runs")
     assert (runs["status"] == "complete").all(), runs.loc[runs["status"] != "complete", "run_id"].tolist()
-    grid_hashes = {resolve_for_dataset(resolve(["--grid", grid, "--cell", cell_id]), CAMVID_CLASSES, 367)
+    grid_hashes = {resolve_for_dataset(resolve(["--grid", grid, "--cell", cell_id]), *dataset)
                    .cell_hash() for cell_id in load_grid(grid, GRIDS).cells}
     assert len(grid_hashes) == cells and len(runs) == cells
     foreign = runs.loc[~runs["cell_hash"].isin(grid_hashes), "run_id"].tolist()
@@ -52,6 +55,7 @@ PUBLISHED = [  # results folder, extra make_tables arguments, the tables it hold
     ("camvid_cpu_controlled", [], ["cells", "comparisons"]),
     ("camvid_cpu_controlled", ["--protocol", "ms0.75-1-1.25-flip"],
      ["cells-ms0.75-1-1.25-flip", "comparisons-ms0.75-1-1.25-flip"]),
+    ("synthetic", [], ["cells", "comparisons"]),
 ]
 
 
