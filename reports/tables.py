@@ -482,8 +482,11 @@ def presentable_cells(cells: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame({"Cell": cells["cell"]})
     for column in cells.columns[1:cells.columns.get_loc("n")]:
         values = cells[column]
-        if column == "aux_branches" and "aux" in cells:  # which branches would get a classifier says nothing without aux
-            values = values.where(cells["aux"].astype(bool) & cells.get("head", "danet").eq("danet"), False)
+        if column == "aux_branches" and "aux" in cells:  # as config.check_combinations: it needs aux and the DANet head
+            applies = cells["aux"].astype(bool)
+            if "head" in cells:  # a grid whose cells never set the head keeps the preset's DANet head
+                applies &= cells["head"].eq("danet")
+            values = values.where(applies, False)
         out[SWITCH_LABELS.get(column, column)] = [_flag(value) for value in values]
     _cell_columns(cells, out)
     _cost_columns(cells, out)

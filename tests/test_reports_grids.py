@@ -48,14 +48,14 @@ def new_record(runs_dir, name, miou, seed, machine=None, **fields):
     (runs_dir / name / "summary.json").write_text(json.dumps(summary))
 
 
-def controlled_grid(tmp_path, seeds=8):
+def controlled_grid(tmp_path, seeds=8, grid=CONTROLLED):
     grids = tmp_path / "grids"
     grids.mkdir()
-    (grids / "camvid_cpu_controlled.yaml").write_text(yaml.safe_dump(CONTROLLED, sort_keys=False))
+    (grids / "camvid_cpu_controlled.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))
     runs = tmp_path / "runs"
     rng = np.random.default_rng(0)
     values = {}
-    for cell, switches in CONTROLLED["blocks"][0]["cells"].items():
+    for cell, switches in grid["blocks"][0]["cells"].items():
         values[cell] = MEANS[cell] + rng.normal(0, 0.004, seeds)
         for seed in range(seeds):
             new_record(runs, f"{cell}_s{seed}", float(values[cell][seed]), seed, grid="camvid_cpu_controlled",
@@ -94,6 +94,18 @@ def test_a_controlled_grid_gets_a_cells_table_and_its_comparisons(tmp_path):
     cells_md = (out / "cells.md").read_text()  # which branches get a classifier is shown only where aux is on
     assert "| danet-head | danet |  |  |  |  | " in cells_md
     assert "| pam-cam-ds | danet | yes | yes | yes | all | " in cells_md
+
+
+def test_a_grid_whose_cells_never_set_the_head_still_blanks_aux_branches_without_aux(tmp_path):
+    cells = {name: switches for name, switches in CONTROLLED["blocks"][0]["cells"].items() if name != "fcn-head"}
+    grid = {**CONTROLLED, "blocks": [{**CONTROLLED["blocks"][0], "cells": cells}],
+            "comparisons": [item for item in CONTROLLED["comparisons"] if item["treatment"] != "fcn-head"]}
+    runs, grids, _ = controlled_grid(tmp_path, seeds=2, grid=grid)
+    out = tmp_path / "out"
+    assert make_tables.main(["--runs-dir", str(runs), "--out", str(out), "--grids-dir", str(grids),
+                             "--no-figures"]) == 0
+    cells_md = (out / "cells.md").read_text()
+    assert "| danet-head |  |  |  |  | " in cells_md and "| pam-cam-ds | yes | yes | yes | all | " in cells_md
 
 
 def test_six_seeds_cannot_reach_significance_over_four_comparisons(tmp_path):
