@@ -14,8 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from danet.cli import BoolFlag, OneLineErrorParser, parse_float_list
 from danet.config import EXIT_OK, EXIT_USAGE, PROTOCOL_FIELDS, UsageError
+from danet.launch.contract import BoolFlag, OneLineErrorParser, parse_float_list
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,170 +1,25 @@
-"""The command line of one run (`ablations/run.py` is a thin wrapper around `main`): the argparse
-binding of the config fields, and what is printed. The run itself is `danet.runner.run_cell`.
+"""The command line of one run (`ablations/run.py` is a thin wrapper around `main`): what it runs and
+what it prints. Its flags, and how they become a config, are the run contract (`danet.launch.contract`);
+the run itself is `danet.runner.run_cell`.
 
-Exit status: 0 done, 2 usage / config / data error, 1 failure during the run (recorded as failed).
-This module imports torch only once a run is asked for, so `--help` answers at once.
+Exit status: 0 done, 2 usage / config / data error, 1 failure during the run (recorded as failed), 3 stopped
+on request (SIGTERM, SIGUSR1) at a checkpoint. This module imports torch only once a run is asked for, so
+`--help` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
-import typing
 from pathlib import Path
 from typing import Any
 
-from danet.config import (
-    EXIT_OK,
-    EXIT_USAGE,
-    SECTIONS,
-    RunConfig,
-    UsageError,
-    dump_yaml,
-    find_yaml,
-    load_yaml,
-    resolve_run_config,
-)
+from danet.config import EXIT_OK, EXIT_USAGE, RunConfig, UsageError, dump_yaml
 from danet.console import stderr_console
-from danet.grids import Evaluation, grid_cell, load_grid
-
-DEFAULT_PRESET = "demo"
-# the reports tool of a source checkout (it reads records; the library does not need it)
-REPORTS_SCRIPT = Path(__file__).resolve().parents[1] / "reports" / "make_tables.py"
-TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-
-def parse_bool(text: str) -> bool:
-    if text.lower() in TRUE_WORDS:
-        return True
-    if text.lower() in FALSE_WORDS:
-        return False
-    raise ValueError(f"expected one of {TRUE_WORDS + FALSE_WORDS}, got {text!r}")
-
-
-def parse_float_list(text: str) -> list[float]:
-    """'0.5,0.75', '0.5 0.75' or '[0.5, 0.75]' (the form W&B agents send)."""
-    items = text.strip().strip("[]()").replace(",", " ").split()
-    if not items:
-        raise ValueError("expected a list of numbers")
-    return [float(item) for item in items]
-
-
-class BoolFlag(argparse.Action):
-    """--pam, --no-pam, --pam=true|false|1|0 (W&B agents send --pam=True / --pam=False)."""
-
-    def __call__(self, parser, namespace, value, option_string=None):
-        try:
-            flag = True if value is None else parse_bool(value)
-        except ValueError as error:
-            raise argparse.ArgumentError(self, str(error)) from None
-        setattr(namespace, self.dest, flag if not option_string.startswith("--no-") else not flag)
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _field_flags(name: str) -> list[str]:
-    flags = [f"--{name.replace('_', '-')}"]
-    return flags + [f"--{name}"] if "_" in name else flags  # W&B sends the YAML key as it is
-
-
-def _shown(value: Any) -> str:
-    """A default as a person would type it: lists comma-separated, an empty string as 'none'."""
-    if isinstance(value, (list, tuple)):
-        return ",".join(map(str, value))
-    return "none" if value == "" else str(value)
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, preset: dict[str, dict[str, Any]] | None = None,
-                         preset_name: str = "") -> None:
-    """One flag per config field, dest 'section.field', absent from the namespace unless given.
-    The help shows the value the run will get without the flag: the preset's, else the default."""
-    preset = preset or {}
-    for section_name, section in SECTIONS.items():
-        group = parser.add_argument_group(f"{section_name} settings")
-        hints = typing.get_type_hints(section)
-        for field in dataclasses.fields(section):
-            if not field.metadata["flag"]:
-                continue
-            flags, kind = _field_flags(field.name), hints[field.name]
-            values = preset.get(section_name) or {}
-            shown = f"{_shown(values[field.name])}, from preset {preset_name}" if field.name in values else \
-                _shown(field.default)
-            options = {"dest": f"{section_name}.{field.name}", "default": argparse.SUPPRESS,
-                       "help": f"{field.metadata['help']} (default: {shown})"}
-            if kind is bool:
-                flags.append(f"--no-{field.name.replace('_', '-')}")
-                group.add_argument(*flags, action=BoolFlag, nargs="?", metavar="BOOL", **options)
-            elif typing.get_origin(kind) is tuple:
-                group.add_argument(*flags, type=parse_float_list, metavar="LIST", **options)
-            else:
-                group.add_argument(*flags, type=kind, metavar=kind.__name__.upper(), **options)
-
-
-def explicit_settings(namespace: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """The config fields given on the command line, as {section: {field: value}}."""
-    settings: dict[str, dict[str, Any]] = {}
-    for key, value in vars(namespace).items():
-        if "." in key:
-            section, name = key.split(".", 1)
-            settings.setdefault(section, {})[name] = value
-    return settings
-
-
-def preset_for_help(argv: list[str], preset_dir: Path) -> tuple[str, dict[str, dict[str, Any]]]:
-    """The preset a command line will run (its --config, its --grid's preset, or the default) and
-    its settings, for --help; ({}, name) when it cannot be read (the real parse reports that)."""
-    scout = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    scout.add_argument("--config")
-    scout.add_argument("--grid")
-    known, _ = scout.parse_known_args(argv)
-    try:
-        name = load_grid(known.grid, preset_dir.parent / "grids").preset if known.grid else \
-            known.config or DEFAULT_PRESET
-        return name, load_yaml(find_yaml(name, preset_dir, "--config"))
-    except UsageError:
-        return known.config or DEFAULT_PRESET, {}
-
-
-def build_parser(preset_name: str = DEFAULT_PRESET,
-                 preset: dict[str, dict[str, Any]] | None = None) -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(
-        prog="ablations/run.py", allow_abbrev=False,
-        description="Train and evaluate one DANet ablation cell. Settings come from the defaults, then the "
-                    "preset (--config), then these flags. Boolean switches take --pam, --no-pam or --pam=true|false.",
-        epilog="Records go to RUNS_DIR/<run-id>/: config.yaml, metrics.jsonl (curves), summary.json (status and "
-               "final numbers), checkpoints/. Exit status: 0 done, 2 usage/config/data error, 1 failed run.")
-    parser.add_argument("--config", default=None, metavar="PRESET",
-                        help="preset name from ablations/configs/ or a YAML file (default: demo, CPU + synthetic data)")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config as YAML and exit, without reading the data or the weights "
-                             "(num_classes 0 and --epochs are resolved when the run starts)")
-    parser.add_argument("--dry-run", action="store_true", help="build data and model, print what would run, exit")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue this run (same config) from its last checkpoint; a complete run is left as is")
-    parser.add_argument("--overwrite", action="store_true", help="delete this run's earlier record and start over")
-    parser.add_argument("--grid", metavar="GRID",
-                        help="an ablation grid from ablations/grids/ (or a YAML file); needs --cell")
-    parser.add_argument("--cell", metavar="ID", help="the grid cell to run, e.g. pam-cam_seed=0 (its preset and settings)")
-    add_config_arguments(parser, preset, preset_name)
-    return parser
-
-
-def config_from_args(args: argparse.Namespace, preset_dir: Path, environment: dict[str, str]) -> RunConfig:
-    """The run config a command line asks for: preset (or grid cell), then flags."""
-    preset, cell = args.config or DEFAULT_PRESET, None
-    if args.grid or args.cell:
-        if not (args.grid and args.cell):
-            raise UsageError("--grid and --cell go together")
-        if args.config:
-            raise UsageError("--config with --grid: the grid names its preset")
-        grid = load_grid(args.grid, preset_dir.parent / "grids")
-        preset, cell = grid.preset, grid_cell(grid, args.cell)
-    return resolve_run_config(preset, explicit_settings(args), preset_dir, environment, cell)
+from danet.grids import Evaluation, load_grid
+from danet.launch.contract import build_parser, config_from_args, preset_for_help
+from danet.paths import PRESET_DIR, REPORTS_SCRIPT
 
 
 def print_summary(console, cfg: RunConfig, summary: dict[str, Any], class_names: tuple[str, ...],
@@ -191,7 +46,7 @@ def print_summary(console, cfg: RunConfig, summary: dict[str, Any], class_names:
 
 def main(argv: list[str] | None = None, preset_dir: Path | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    preset_dir = preset_dir or Path("ablations/configs")
+    preset_dir = preset_dir or PRESET_DIR
     parser = build_parser(*preset_for_help(argv, preset_dir))
     args = parser.parse_args(argv)
     prog = parser.prog

@@ -56,6 +56,13 @@ class Grid:
     cells: dict[str, dict[str, Any]]  # cell id -> {field: value}
     comparisons: list[dict[str, str]] = field(default_factory=list)  # {name, treatment, baseline}
     evaluations: list[Evaluation] = field(default_factory=list)
+    path: Path | None = None  # the YAML file it was read from
+
+    def varying(self) -> tuple[str, ...]:
+        """The settings whose values differ between the grid's cells (sorted names)."""
+        cells = self.cells.values()
+        names = {name for settings in cells for name in settings}
+        return tuple(sorted(name for name in names if len({repr(settings.get(name)) for settings in cells}) > 1))
 
 
 def _format(value: Any) -> str:
@@ -130,7 +137,7 @@ def load_grid(name_or_path: str, grid_dir: Path) -> Grid:
             raise UsageError(f"grid {path}: a comparison needs name, treatment and baseline, the latter two named "
                              f"cells of the grid ({sorted(named_cells)}); got {comparison}")
     return Grid(path.stem, data["preset"], design, cells, comparisons,
-                _evaluations(path, data.get("evaluations") or [], named_cells))
+                _evaluations(path, data.get("evaluations") or [], named_cells), path)
 
 
 def grid_cell(grid: Grid, cell_id: str) -> dict[str, Any]:

@@ -169,7 +169,7 @@ def read_optuna(storage: str, study_name: str) -> pd.DataFrame:
     """The records that an Optuna study's trials wrote (their user attribute run_dir)."""
     import optuna
 
-    from danet.storage import open_storage
+    from danet.launch.storages import open_storage
 
     try:
         study = optuna.load_study(study_name=study_name, storage=open_storage(storage))

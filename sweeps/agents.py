@@ -12,7 +12,7 @@ import argparse
 import shlex
 import sys
 
-from danet.processes import run_together, visible_gpus
+from danet.launch.processes import run_together, visible_gpus
 
 
 def agent_commands(sweep_id: str, gpus: list[str], count: int | None, agent: str) -> list[tuple[str, list[str]]]:

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import optuna
 
-from danet.cli import OneLineErrorParser
 from danet.config import UsageError
 from danet.console import stderr_console
-from danet.local_sweep import load_sweep, run_executor
-from danet.studies import open_study_storage
+from danet.launch.contract import OneLineErrorParser
+from danet.launch.storages import open_study_storage
+from danet.launch.sweep_files import load_sweep
+from danet.launch.yaml_executor import run_executor
 
 
 def stop_on_sigterm(signum, frame) -> None:

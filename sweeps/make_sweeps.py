@@ -11,31 +11,11 @@ run.py turns `--grid NAME --cell ID` into the cell's preset and settings. The ag
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import yaml
 
-from danet.grids import load_grid
-
-REPO = Path(__file__).resolve().parent.parent
-
-GRID_DIR = REPO / "ablations" / "grids"
-SWEEP_DIR = REPO / "sweeps"
-COMMAND = ["${env}", "${interpreter}", "${program}", "--resume", "--quiet", "${args}"]
-
-
-def sweep_for_grid(name: str) -> dict:
-    grid = load_grid(name, GRID_DIR)
-    return {
-        "name": f"danet-{grid.name}",
-        "description": f"Generated from ablations/grids/{grid.name}.yaml by sweeps/make_sweeps.py: do not edit.",
-        "program": "ablations/run.py",
-        "method": "grid",
-        "metric": {"name": "val/mIoU", "goal": "maximize"},
-        # online: a sweep run must report to the W&B server (run.py's own default is offline)
-        "parameters": {"grid": {"value": grid.name}, "cell": {"values": list(grid.cells)}, "wandb": {"value": "online"}},
-        "command": COMMAND,
-    }
+from danet.launch.contract import sweep_for_grid
+from danet.paths import GRID_DIR, REPO, SWEEP_DIR
 
 
 def render(sweep: dict) -> str:

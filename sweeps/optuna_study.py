@@ -23,14 +23,14 @@ from pathlib import Path
 
 import optuna
 
-from danet.cli import build_parser as run_parser
-from danet.cli import explicit_settings
 from danet.config import UsageError
 from danet.console import stderr_console
-from danet.processes import run_together, visible_gpus
-from danet.studies import grid_spec, open_study_storage, run_worker, search_spec, study_summary
-
-REPO = Path(__file__).resolve().parent.parent
+from danet.grids import load_grid
+from danet.launch.optuna_driver import run_worker
+from danet.launch.processes import run_together, visible_gpus
+from danet.launch.storages import open_study_storage
+from danet.launch.sweep_files import load_search
+from danet.paths import GRID_DIR
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,24 +71,15 @@ def main(argv: list[str] | None = None) -> int:
         return run_together([(share, command) for share in shares], "worker")
 
     try:
-        if args.grid:
-            spec = grid_spec(args.grid, REPO / "ablations" / "grids")
-        else:
-            spec = search_spec(args.search, REPO / "sweeps")
-        run_args = run_parser().parse_args(run_flags)
-        if run_args.config or run_args.grid or run_args.cell:
-            raise UsageError("--config, --grid and --cell come from the study's grid or search file, not from run flags")
-        overrides = explicit_settings(run_args)
+        grid = load_grid(args.grid, GRID_DIR) if args.grid else None
+        search = load_search(args.search) if args.search else None
         storage = open_study_storage(args.storage, args.study, args.workers, args.heartbeat)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        return run_worker(grid, search, storage, args.study, args.n_trials, run_flags, args.pruner, console,
+                          args.nproc_per_trial)
     except UsageError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = run_worker(spec, storage, args.study, args.n_trials, overrides, REPO / "ablations" / "configs",
-                       args.pruner, console, args.nproc_per_trial, tuple(run_flags))
-    line, failed = study_summary(study)
-    console.print(line, markup=False, soft_wrap=True)
-    return 1 if failed else 0
 
 
 def own_flags_without_workers(flags: list[str]) -> list[str]:

@@ -23,14 +23,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from danet import slurm
-from danet.cli import build_parser as run_parser
 from danet.config import EXIT_FAILED, EXIT_USAGE, UsageError
 from danet.grids import load_grid
-
-REPO = Path(__file__).resolve().parent.parent
-GRIDS = REPO / "ablations" / "grids"
-PRESETS = REPO / "ablations" / "configs"
+from danet.launch import slurm_jobs
+from danet.launch.contract import launcher_overrides
+from danet.paths import GRID_DIR
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,12 +77,8 @@ def submit(args: argparse.Namespace, run_flags: list[str]) -> int:
         value = getattr(args, name)
         if value is not None and value < (0 if name == "max_requeues" else 1):
             raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least {0 if name == 'max_requeues' else 1}")
-    grid = load_grid(args.grid, GRIDS)
-    run_args = run_parser().parse_args(run_flags)
-    if run_args.config or run_args.grid or run_args.cell or run_args.overwrite:
-        raise UsageError("--config, --grid and --cell come from the grid, and --overwrite would restart a run at "
-                         "every requeue: leave them out of the run flags")
-    runs_dir = Path(vars(run_args).get("tracking.runs_dir", "runs"))
+    grid = load_grid(args.grid, GRID_DIR)
+    runs_dir = Path(vars(launcher_overrides(run_flags)).get("tracking.runs_dir", "runs"))
     cells = list(grid.cells)
     task = [sys.executable, str(Path(__file__).resolve()), "--task", "--grid", args.grid,
             "--max-requeues", str(args.max_requeues)]
@@ -95,24 +88,24 @@ def submit(args: argparse.Namespace, run_flags: list[str]) -> int:
         workers = args.array or len(cells)
         array = f"0-{workers - 1}"
         task += ["--study", args.study] + (["--storage", args.storage] if args.storage else [])
-        runs = slurm.worker_command(REPO, args.grid, args.study, args.storage, args.gpus_per_task, run_flags)
+        runs = slurm_jobs.worker_command(args.grid, args.study, args.storage, args.gpus_per_task, run_flags)
         comment = [f"{workers} Optuna workers of study {args.study} (grid {grid.name}, {len(cells)} cells); "
                    "each runs:", "  " + " ".join(runs)]
     else:
         array = f"0-{len(cells) - 1}" + (f"%{args.array}" if args.array else "")
         task += ["--cell", "CELL"]
-        runs = slurm.cell_command(REPO, args.grid, "CELL", args.gpus_per_task, run_flags,
+        runs = slurm_jobs.cell_command(args.grid, "CELL", args.gpus_per_task, run_flags,
                                   ("FIRST_NODE:PORT", "$SLURM_JOB_ID"))
         comment = [f"task i runs cell i of grid {grid.name} ({len(cells)} cells):", "  " + " ".join(runs)]
-    comment += [f"USR1 {slurm.WARNING_SECONDS} s before the time limit: the run checkpoints (preempted) and the task "
+    comment += [f"USR1 {slurm_jobs.WARNING_SECONDS} s before the time limit: the run checkpoints (preempted) and the task "
                 "is requeued to resume it;", f"a task requeued {args.max_requeues} times is given up (its cell: "
                 "failed). scancel: the runs checkpoint, nothing is requeued."]
     workdir = Path.cwd()
     log_dir = workdir / runs_dir / "slurm"
-    resources = slurm.Resources(args.partition, args.account, args.gpus_per_task, args.cpus_per_task, args.mem,
+    resources = slurm_jobs.Resources(args.partition, args.account, args.gpus_per_task, args.cpus_per_task, args.mem,
                                 args.time)
-    header = slurm.sbatch_lines(f"danet-{grid.name}", array, resources, workdir, log_dir)
-    script = slurm.batch_script(header, comment, [*task, "--", *run_flags], None if args.study else cells)
+    header = slurm_jobs.sbatch_lines(f"danet-{grid.name}", array, resources, workdir, log_dir)
+    script = slurm_jobs.batch_script(header, comment, [*task, "--", *run_flags], None if args.study else cells)
     if args.dry_run:
         print(script, end="")
         return 0
@@ -134,30 +127,15 @@ def submit(args: argparse.Namespace, run_flags: list[str]) -> int:
 def task(args: argparse.Namespace, run_flags: list[str]) -> int:
     """Inside the job: supervise this array task's cell or Optuna worker."""
     if args.study:
-        command = slurm.worker_command(REPO, args.grid, args.study, args.storage, args.gpus_per_task, run_flags)
-        return slurm.supervise(command, args.max_requeues, None)
+        command = slurm_jobs.worker_command(args.grid, args.study, args.storage, args.gpus_per_task, run_flags)
+        return slurm_jobs.supervise(command, args.max_requeues, None)
     if not args.cell:
         raise UsageError("--task needs --cell or --study")
-    rendezvous = slurm.slurm_rendezvous(dict(os.environ)) if args.gpus_per_task > 1 else ("", "")
-    command = slurm.cell_command(REPO, args.grid, args.cell, args.gpus_per_task, run_flags, rendezvous)
-    return slurm.supervise(command, args.max_requeues,
-                           lambda reason: record_given_up(args.grid, args.cell, run_flags, args.gpus_per_task, reason))
-
-
-def record_given_up(grid: str, cell: str, run_flags: list[str], gpus_per_task: int, reason: str) -> None:
-    """Mark the cell's record failed with the reason (the record folder needs the data's class count)."""
-    from danet import data as datasets
-    from danet.cli import config_from_args
-    from danet.config import resolve_for_dataset
-    from danet.tracking import RunStore
-
-    cfg = config_from_args(run_parser().parse_args(["--grid", grid, "--cell", cell, *run_flags]), PRESETS,
-                           dict(os.environ))
-    data = datasets.build(cfg.data)
-    cfg = resolve_for_dataset(cfg, data.num_classes, len(data.train), max(1, gpus_per_task))
-    store = RunStore(cfg.tracking.runs_dir, cfg)
-    if not store.give_up(reason):
-        print(f"{store.dir}: not marked failed (complete, or held by another process)", file=sys.stderr)
+    rendezvous = slurm_jobs.slurm_rendezvous(dict(os.environ)) if args.gpus_per_task > 1 else ("", "")
+    command = slurm_jobs.cell_command(args.grid, args.cell, args.gpus_per_task, run_flags, rendezvous)
+    return slurm_jobs.supervise(command, args.max_requeues,
+                           lambda reason: slurm_jobs.record_given_up(args.grid, args.cell, run_flags, args.gpus_per_task,
+                                                                reason))
 
 
 if __name__ == "__main__":

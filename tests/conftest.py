@@ -21,7 +21,7 @@ GRIDS = REPO / "ablations" / "grids"
 
 def resolve(argv: list[str], environment: dict | None = None):
     """The RunConfig that ablations/run.py would build from `argv`."""
-    from danet.cli import build_parser, config_from_args
+    from danet.launch.contract import build_parser, config_from_args
 
     return config_from_args(build_parser().parse_args(argv), PRESETS, environment or {})
 

@@ -8,8 +8,8 @@ import pytest
 import yaml
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
-from danet.cli import build_parser, parse_float_list
 from danet.config import SECTIONS, RunConfig, UsageError, resolve_for_dataset
+from danet.launch.contract import build_parser, parse_float_list
 from tests.conftest import PRESETS, REPO, resolve, run_cli, tiny_flags
 
 

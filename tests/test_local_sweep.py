@@ -22,7 +22,9 @@ from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
 from danet.config import UsageError
 from danet.grids import load_grid
-from danet.local_sweep import MetricHistory, load_sweep, render_command, run_config
+from danet.launch.contract import target_of
+from danet.launch.sweep_files import load_sweep, render_command
+from danet.launch.yaml_executor import MetricHistory, program_argv
 from danet.tracking import mark_pruned
 from tests.conftest import GRIDS, REPO, load_script, tiny_flags, wait_for_checkpoint
 
@@ -84,7 +86,7 @@ def test_the_generated_grid_sweeps_run_their_cells_and_flags_after_the_file_win(
     sweep = load_sweep(REPO / "sweeps" / "demo.yaml")
     command = render_command(sweep, {"grid": "demo", "cell": "pam_seed=1", "wandb": "online"})
     assert command[3:] == ["--resume", "--quiet", "--grid=demo", "--cell=pam_seed=1", "--wandb=online"]
-    cfg = run_config(sweep, [*command, "--wandb", "offline", "--backbone", "resnet18"])
+    cfg = target_of(program_argv(sweep, [*command, "--wandb", "offline", "--backbone", "resnet18"])).cfg
     assert (cfg.model.pam, cfg.model.cam, cfg.train.seed) == (True, False, 1)
     assert cfg.tracking.wandb == "offline" and cfg.model.backbone == "resnet18"
     assert cfg.model.num_classes > 0  # settled by the dataset, as in the run's record (its cell hash)
@@ -228,7 +230,7 @@ def test_demo_grid_two_executors_every_cell_once_and_a_killed_executors_run_resu
     assert resumed.user_attrs["run_dir"] == killed.user_attrs["run_dir"]
     times = [event["time"] for event in _events(Path(killed.user_attrs["run_dir"]))]
     assert min(times) < killed_at < max(times)  # continued from its checkpoint, not started over
-    assert any(f"trial {killed.number}: its executor died" in output for output in outputs)
+    assert any(f"trial {killed.number}: its worker died" in output for output in outputs)
     assert all("complete" in output for output in outputs)
 
 

@@ -18,8 +18,11 @@ from rich.console import Console
 
 from danet.config import UsageError
 from danet.grids import load_grid
-from danet.studies import Objective, grid_spec, open_study_storage, search_spec
-from tests.conftest import PRESETS, REPO, load_script, tiny_flags, wait_for_checkpoint, write_grid
+from danet.launch.optuna_driver import StudyTrial
+from danet.launch.storages import open_study_storage
+from danet.launch.sweep_files import load_search
+from danet.launch.trials import WorkerLock
+from tests.conftest import REPO, load_script, tiny_flags, wait_for_checkpoint, write_grid
 
 GRIDS = REPO / "ablations" / "grids"
 DRIVER = REPO / "sweeps" / "optuna_study.py"
@@ -76,11 +79,13 @@ def test_grid_study_with_two_workers_runs_every_cell_exactly_once_and_restarts_c
     output, _ = again.communicate(timeout=600)
     assert again.returncode == 0, output
     assert {path: path.stat().st_mtime_ns for path in runs.glob("*/summary.json")} == modified  # nothing retrained
-    assert "| study demo: 8/8 cells complete, 0 running, 0 failed" in output  # the progress line after each trial
+    assert "grid demo: 8/8 cells complete" in output  # the driver's last line
 
 
 @pytest.mark.slow
-def test_failed_trials_are_recorded_with_the_reason(tmp_path):
+def test_a_failing_cell_is_retried_a_bounded_number_of_times_then_given_up_with_the_reason(tmp_path):
+    from danet.launch.trials import MAX_ATTEMPTS
+
     grid = write_grid(tmp_path / "one.yaml", {"fcn": {"pam": False, "cam": False}})
     runs = tmp_path / "runs"
     process = _driver("--grid", str(grid), "--study", "boom", "--", *_tiny_run_flags(runs, "--lr", "1e30",
@@ -88,11 +93,16 @@ def test_failed_trials_are_recorded_with_the_reason(tmp_path):
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 1, output  # a failed cell is a failed command
     assert "study boom: 0 complete, 1 failed, 0 pruned, 0 running" in output
-    trial, = _journal_study(tmp_path / "optuna" / "boom.journal", "boom").trials
-    assert trial.state == optuna.trial.TrialState.FAIL
-    assert trial.user_attrs["reason"].startswith("non-finite loss at iteration")
-    assert _records(runs)[0]["status"] == "failed"
+    trials = _journal_study(tmp_path / "optuna" / "boom.journal", "boom").trials
+    assert [trial.state for trial in trials] == [optuna.trial.TrialState.FAIL] * MAX_ATTEMPTS
+    assert [trial.user_attrs.get("attempt", 1) for trial in trials] == list(range(1, MAX_ATTEMPTS + 1))
+    assert all(trial.user_attrs["reason"].startswith("non-finite loss at iteration") for trial in trials[:-1])
+    assert trials[-1].user_attrs["reason"].startswith(f"given up after {MAX_ATTEMPTS} attempts: non-finite loss")
+    record, = _records(runs)  # one record, resumed by every attempt
+    assert record["status"] == "failed"
+    assert record["reason"].startswith(f"given up after {MAX_ATTEMPTS} attempts: non-finite loss at iteration")
     assert "fail: non-finite loss at iteration" in output and "0/1 cells complete, 0 running, 1 failed" in output
+    assert "grid one: 0/1 cells complete" in output and "given up" in output and "fcn_seed=0" in output
 
 
 @pytest.mark.slow
@@ -101,21 +111,21 @@ def test_search_trials_report_val_miou_and_can_be_pruned(tmp_path):
     search.write_text(yaml.safe_dump({"method": "bayes", "parameters": {
         "config": {"value": "demo"}, "lr": {"distribution": "log_uniform_values", "min": 0.001, "max": 0.1},
         "crop_size": {"values": [32]}}}))
-    spec = search_spec(str(search), tmp_path)
+    spec = load_search(str(search), tmp_path)
     assert spec.preset == "demo" and isinstance(spec.space["lr"], optuna.distributions.FloatDistribution)
     runs = tmp_path / "runs"
-    from danet.cli import build_parser, explicit_settings
+    flags = _tiny_run_flags(runs, "--iterations", "6")
 
-    overrides = explicit_settings(build_parser().parse_args(_tiny_run_flags(runs, "--iterations", "6")))
-    objective = Objective(spec, overrides, PRESETS, Console(quiet=True))
+    def objective_of(study):
+        return StudyTrial(None, spec, flags, study, WorkerLock(runs), Console(quiet=True))
 
     reported = optuna.create_study(direction="maximize")
-    reported.optimize(objective, n_trials=1)
+    reported.optimize(objective_of(reported), n_trials=1)
     trial = reported.trials[0]
     assert trial.state == optuna.trial.TrialState.COMPLETE and sorted(trial.intermediate_values) == [2, 4]
 
     always_prune = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=2.0))
-    always_prune.optimize(objective, n_trials=1)
+    always_prune.optimize(objective_of(always_prune), n_trials=1)
     pruned = always_prune.trials[0]
     assert pruned.state == optuna.trial.TrialState.PRUNED
     assert "pruned by Optuna at iteration 2" in pruned.user_attrs["reason"]
@@ -126,7 +136,6 @@ def test_search_trials_report_val_miou_and_can_be_pruned(tmp_path):
 def test_sqlite_refuses_parallel_workers():
     with pytest.raises(UsageError, match="SQLite is for one process"):
         open_study_storage("sqlite:///x.db", "s", workers=2, heartbeat=60)
-    assert grid_spec("demo", GRIDS).space == {"cell": list(load_grid("demo", GRIDS).cells)}
 
 
 @pytest.mark.slow
@@ -166,8 +175,8 @@ def test_postgres_killed_worker_trial_is_retried_and_the_grid_completes(tmp_path
     output, _ = second.communicate(timeout=600)
     assert second.returncode == 0, output
     trials = optuna.load_study(study_name=study, storage=storage).trials
-    assert trials[killed.number].state == optuna.trial.TrialState.FAIL  # declared dead by its heartbeat
-    retries = [t for t in trials if t.user_attrs.get("retry_of") == killed.number]
+    assert trials[killed.number].state == optuna.trial.TrialState.FAIL  # declared dead: lock free, heartbeat stale
+    retries = [t for t in trials if t.user_attrs.get("resumes_trial") == killed.number]
     assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
     assert retries[0].params == killed.params
     _assert_grid_done_exactly_once(runs, grid)
@@ -248,14 +257,14 @@ def test_optunas_own_tools_read_the_study(tmp_path):
 @pytest.mark.parametrize("text, kind", [("optuna/s.journal", "journal"), ("/abs/path/s.journal", "journal"),
                                         ("sqlite:///study.db", "sqlite"), ("postgresql://u:p@host/db", "database")])
 def test_storage_strings_are_the_forms_optunas_tools_take(text, kind):
-    from danet.storage import storage_kind
+    from danet.launch.storages import storage_kind
 
     assert storage_kind(text) == kind
 
 
 @pytest.mark.parametrize("text", ["journal:optuna/s.journal", "optuna/s.db", "study", "redis://host"])
 def test_other_storage_strings_are_one_line_usage_errors(text):
-    from danet.storage import storage_kind
+    from danet.launch.storages import storage_kind
 
     with pytest.raises(UsageError, match="expected a database URL .* or a journal file path ending in .journal"):
         storage_kind(text)
@@ -275,7 +284,7 @@ def test_a_preempted_worker_offers_its_cell_again_and_the_next_worker_resumes_it
     assert _records(runs)[0]["status"] == "preempted", output
     trials = _journal_study(tmp_path / "optuna" / "pre.journal", "pre").trials
     assert [trial.state for trial in trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
-    assert trials[1].user_attrs["retry_of"] == 0 and trials[1].params == trials[0].params
+    assert trials[1].user_attrs["resumes_trial"] == 0 and trials[1].params == trials[0].params
 
     again = _driver("--grid", str(grid), "--study", "pre", "--", *flags, cwd=tmp_path)
     output, _ = again.communicate(timeout=600)
@@ -286,15 +295,15 @@ def test_a_preempted_worker_offers_its_cell_again_and_the_next_worker_resumes_it
 
 
 def test_search_files_are_searches_and_bring_their_own_early_termination(capsys):
-    from danet.studies import sweep_pruner
+    from danet.launch.sweep_files import sweep_pruner
 
     with pytest.raises(UsageError, match="is a grid .*: run it with --grid demo"):
-        search_spec("demo", REPO / "sweeps")
+        load_search("demo", REPO / "sweeps")
     driver = load_script("sweeps/optuna_study.py")
     assert driver.main(["--search", str(REPO / "sweeps" / "demo.yaml"), "--study", "x", "--n-trials", "1"]) == 2
     refused = capsys.readouterr().err
     assert "run it with --grid demo" in refused and refused.count("\n") == 1
-    spec = search_spec("hparams", REPO / "sweeps")
+    spec = load_search("hparams", REPO / "sweeps")
     assert spec.early_terminate == {"type": "hyperband", "min_iter": 2, "eta": 2}
     pruner = sweep_pruner(spec.early_terminate, "hparams")  # W&B's hyperband: one bracket of successive halving
     assert isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner)
@@ -303,7 +312,7 @@ def test_search_files_are_searches_and_bring_their_own_early_termination(capsys)
 def test_a_postgresql_storage_without_its_driver_names_the_extra(monkeypatch):
     import importlib.util
 
-    from danet.storage import storage_kind
+    from danet.launch.storages import storage_kind
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "psycopg" else real(name, *a))

@@ -1,20 +1,21 @@
-"""Datasets. `build(cfg)` returns the train and val datasets with their class names."""
+"""Datasets. `build(cfg)` returns the train and val datasets with their class names.
+
+Importing this package loads no torch: `danet.data.catalog` (class counts, training-set sizes) is
+read by launchers that never train, so the loaders are imported when a dataset is built.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from danet.config import DataConfig
-from danet.data.base import IGNORE_INDEX, DataError, SegmentationDataset
-from danet.data.camvid import CamVid
-from danet.data.cityscapes import Cityscapes
-from danet.data.synthetic import SyntheticDataset
-from danet.data.transforms import eval_transform, train_transform
-from danet.data.voc import VOC
+from danet.config import IGNORE_INDEX, DataConfig
+from danet.data.catalog import DataError, dataset_root
 
-__all__ = ["IGNORE_INDEX", "DataBundle", "DataError", "SegmentationDataset", "build", "build_split"]
+if TYPE_CHECKING:
+    from danet.data.base import SegmentationDataset
 
-FILE_DATASETS = {"camvid": CamVid, "cityscapes": Cityscapes, "voc": VOC}
+__all__ = ["IGNORE_INDEX", "DataBundle", "DataError", "build", "build_split"]
 
 
 @dataclass
@@ -27,13 +28,18 @@ class DataBundle:
 
 def build_split(cfg: DataConfig, split: str, train: bool = False) -> SegmentationDataset:
     """One split of the configured dataset, with the training augmentation or the evaluation transform."""
+    from danet.data.camvid import CamVid  # the loaders import torch, albumentations, torchvision
+    from danet.data.cityscapes import Cityscapes
+    from danet.data.synthetic import SyntheticDataset
+    from danet.data.transforms import eval_transform, train_transform
+    from danet.data.voc import VOC
+
     transform = train_transform(cfg) if train else eval_transform()
     if cfg.dataset == "synthetic":
         images = cfg.synthetic_train_images if train else cfg.synthetic_val_images
         return SyntheticDataset(split, images, cfg.synthetic_size, transform, cfg.synthetic_key)
-    if not cfg.data_root:
-        raise DataError(f"dataset {cfg.dataset} needs its folder: pass --data-root or set DANET_DATA")
-    return FILE_DATASETS[cfg.dataset](cfg.data_root, split, transform, cfg.image_scale)
+    loaders = {"camvid": CamVid, "cityscapes": Cityscapes, "voc": VOC}
+    return loaders[cfg.dataset](str(dataset_root(cfg)), split, transform, cfg.image_scale)
 
 
 def build(cfg: DataConfig) -> DataBundle:

@@ -12,10 +12,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from danet.config import IGNORE_INDEX
-
-
-class DataError(Exception):
-    """Bad or missing data. The message is one line that names the file and what to do."""
+from danet.data.catalog import DataError
 
 
 def label_lut(mapping: dict[int, int]) -> np.ndarray:
@@ -122,9 +119,3 @@ class FileDataset(SegmentationDataset):
             raise DataError(f"label {label_path} is {label.shape[1]}x{label.shape[0]} but image {image_path} "
                             f"is {image.shape[1]}x{image.shape[0]}")
         return image, label
-
-
-def require_dir(path: Path, what: str) -> Path:
-    if not path.is_dir():
-        raise DataError(f"{what} {path} does not exist; pass --data-root or set DANET_DATA")
-    return path

@@ -10,23 +10,12 @@ from pathlib import Path
 
 import albumentations as A
 
-from danet.data.base import DataError, FileDataset, label_lut, require_dir
+from danet.data.base import FileDataset, label_lut
+from danet.data.catalog import camvid_pairs
 
 CLASS_NAMES = ("sky", "building", "pole", "road", "sidewalk", "tree", "sign", "fence", "car",
                "pedestrian", "bicyclist")
 VOID = 11
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-def camvid_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
-    require_dir(root, "CamVid root")
-    layouts = [(root / split, root / f"{split}annot"), (root / "images" / split, root / "labels" / split)]
-    for image_dir, label_dir in layouts:
-        if image_dir.is_dir():
-            images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            return [(image, label_dir / f"{image.stem}.png") for image in images]
-    raise DataError(f"no CamVid split {split!r} in {root}: expected {split}/ + {split}annot/ (SegNet layout) "
-                    f"or images/{split}/ + labels/{split}/")
 
 
 class CamVid(FileDataset):

@@ -8,7 +8,8 @@ from pathlib import Path
 import albumentations as A
 from torchvision.datasets import Cityscapes as TorchvisionCityscapes
 
-from danet.data.base import DataError, FileDataset, label_lut, require_dir
+from danet.data.base import FileDataset, label_lut
+from danet.data.catalog import DataError, require_dir
 
 CLASS_NAMES = tuple(c.name for c in TorchvisionCityscapes.classes if c.train_id not in (255, -1))
 # labelId -> trainId; every other id (void, rare classes, license plate) is ignored

@@ -8,7 +8,8 @@ from pathlib import Path
 import albumentations as A
 from torchvision.datasets import VOCSegmentation
 
-from danet.data.base import DataError, FileDataset, label_lut, require_dir
+from danet.data.base import FileDataset, label_lut
+from danet.data.catalog import DataError, require_dir
 
 CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",

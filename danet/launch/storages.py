@@ -3,7 +3,8 @@
 A database URL (`sqlite:///study.db`, `postgresql://user:pw@host/db`) or a journal file path
 (`optuna/study.journal`, Optuna's JournalFileBackend): `optuna trials --storage PATH
 --storage-class JournalFileBackend` and `optuna-dashboard PATH` read the same file. Importing this
-module loads neither torch nor the models (the reports use it too).
+module loads neither torch nor the models (the reports use it too). A trial whose worker's heartbeat
+went stale on a database storage is proposed again (`danet.launch.trials.retry_dead_worker_trial`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import optuna
 import sqlalchemy
 
 from danet.config import UsageError
+from danet.launch.trials import retry_dead_worker_trial
 
 JOURNAL_SUFFIX = ".journal"
 FORMS = (f"a database URL (sqlite:///FILE.db, postgresql://USER:PASSWORD@HOST/DB) or a journal file path ending "
@@ -61,3 +63,14 @@ def open_storage(text: str, heartbeat: int | None = None,
             # the losers fail on a duplicate key and find the tables there a moment later
             time.sleep(1.0 + attempt)
     return optuna.storages.RDBStorage(text, **options)
+
+
+def open_study_storage(text: str | None, study: str, workers: int, heartbeat: int) -> optuna.storages.BaseStorage:
+    """The default journal file optuna/STUDY.journal (several workers on one host or NFS), a
+    journal path, sqlite:/// for one process, postgresql:// across machines (with heartbeats, so
+    that the trials of dead workers are retried)."""
+    text = text or default_storage(study)
+    if storage_kind(text) == "sqlite" and workers > 1:
+        raise UsageError("SQLite is for one process: parallel workers hit 'database is locked'. Use the default "
+                         "journal file (or --storage PATH.journal) on one host, or postgresql:// across hosts")
+    return open_storage(text, heartbeat, retry_dead_worker_trial)

@@ -28,6 +28,9 @@ from pathlib import Path
 from typing import Callable
 
 from danet.config import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE
+from danet.launch.contract import cell_argv, run_command, target_of
+from danet.paths import SWEEP_DIR
+from danet.tracking import RunStore
 
 # The warning before the time limit: long enough for one training step, a checkpoint and the exit.
 WARNING_SECONDS = 300
@@ -75,17 +78,17 @@ def batch_script(header: list[str], comment: list[str], task_command: list[str],
     return "\n".join(lines) + "\n"
 
 
-def cell_command(repo: Path, grid: str, cell: str, gpus_per_task: int, run_flags: list[str],
+def cell_command(grid: str, cell: str, gpus_per_task: int, run_flags: list[str],
                  rendezvous: tuple[str, str] = ("", "")) -> list[str]:
-    """One cell, resumed: ablations/run.py, or with several GPUs `srun torchrun` meeting at the
-    `rendezvous` (endpoint, id) that `slurm_rendezvous` takes from the job's environment."""
-    run = [str(repo / "ablations" / "run.py"), "--grid", grid, "--cell", cell, "--resume", *run_flags]
+    """One cell, resumed (the run contract's argv): ablations/run.py, or with several GPUs `srun torchrun`
+    meeting at the `rendezvous` (endpoint, id) that `slurm_rendezvous` takes from the job's environment."""
+    run = run_command(cell_argv(grid, cell, run_flags))
     if gpus_per_task <= 1:
-        return [sys.executable, *run]
+        return run
     endpoint, rendezvous_id = rendezvous
     return ["srun", "--ntasks=1", sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
             f"--nproc_per_node={gpus_per_task}", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
-            f"--rdzv_id={rendezvous_id}", *run]
+            f"--rdzv_id={rendezvous_id}", *run[1:]]
 
 
 def slurm_rendezvous(environ: dict[str, str]) -> tuple[str, str]:
@@ -99,10 +102,9 @@ def slurm_rendezvous(environ: dict[str, str]) -> tuple[str, str]:
     return f"{host}:{29500 + int(job) % 10000}", job
 
 
-def worker_command(repo: Path, grid: str, study: str, storage: str | None, gpus_per_task: int,
-                   run_flags: list[str]) -> list[str]:
+def worker_command(grid: str, study: str, storage: str | None, gpus_per_task: int, run_flags: list[str]) -> list[str]:
     """One Optuna worker of the study (sweeps/optuna_study.py), on the task's GPUs."""
-    command = [sys.executable, str(repo / "sweeps" / "optuna_study.py"), "--grid", grid, "--study", study]
+    command = [sys.executable, str(SWEEP_DIR / "optuna_study.py"), "--grid", grid, "--study", study]
     if storage:
         command += ["--storage", storage]
     if gpus_per_task > 1:
@@ -165,3 +167,10 @@ def supervise(command: list[str], max_requeues: int, give_up: Callable[[str], No
         print(f"scontrol requeue {job} failed: {requeued.stderr.strip()}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     return EXIT_PREEMPTED
+
+
+def record_given_up(grid: str, cell: str, run_flags: list[str], gpus_per_task: int, reason: str) -> None:
+    """Mark the cell's record failed with the reason (the record folder, from the run contract)."""
+    target = target_of(cell_argv(grid, cell, run_flags), max(1, gpus_per_task))
+    if not RunStore(target.runs_dir, target.cfg).give_up(reason):
+        print(f"{target.run_dir}: not marked failed (complete, or held by another process)", file=sys.stderr)
