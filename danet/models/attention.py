@@ -1,7 +1,8 @@
 """The two attention modules of DANet: position attention (PAM) and channel attention (CAM).
 
-See PAPER.md, "The modules, exactly". Shapes: B batch, C channels, N = H * W positions,
-Cq = C / reduction the query/key width.
+Fu et al., "Dual Attention Network for Scene Segmentation", CVPR 2019, Sections 3.2 (position
+attention) and 3.3 (channel attention), by default as the authors' released code computes them.
+Shapes: B batch, C channels, N = H * W positions, Cq = C / reduction the query/key width.
 """
 
 from __future__ import annotations

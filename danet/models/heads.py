@@ -37,7 +37,7 @@ class AttentionBranch(nn.Module):
 
 
 class DAHead(nn.Module):
-    """The dual attention head of DANet (PAPER.md, "The modules, exactly").
+    """The dual attention head of DANet (Fu et al., CVPR 2019, Sections 3.2-3.4; the released code's DAHead).
 
     Two branches of in/4 channels, one with position attention and one with channel attention;
     the fused logits come from the sum of the branches. With `pam` or `cam` off, that branch keeps
