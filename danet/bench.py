@@ -4,6 +4,7 @@
     python -m danet.bench data [--data-root CAMVID] [--images 64] [--workers 0 2]
     python -m danet.bench train [--device cpu|cuda] [--backbone resnet101 --crop 768 --batch 8]
                                 [--channels-last] [--compile] [--iterations N]
+    python -m danet.bench launch [--root CHECKOUT] [--repeats 5]   # start-up of the processes that do not train
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import importlib.util
 import multiprocessing
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -292,6 +295,51 @@ def bench_data(args: argparse.Namespace) -> None:
         console.print(table)
 
 
+# The processes that launch runs or read records, and never train: each runs to its first real work.
+LAUNCH_COMMANDS = (("W&B-YAML executor", ["sweeps/local_sweep.py", "--help"]),
+                   ("Optuna driver", ["sweeps/optuna_study.py", "--help"]),
+                   ("Slurm launcher", ["sweeps/slurm.py", "--grid", "demo", "--dry-run"]),
+                   ("run script --help", ["ablations/run.py", "--help"]),
+                   ("report script", ["reports/make_tables.py", "--help"]))
+
+
+def measure_start_up(root: Path, argv: list[str], repeats: int) -> tuple[float, float, bool]:
+    """Median wall seconds and peak RSS (MiB) of `python ROOT/argv...` run `repeats` times in fresh
+    processes (with ROOT first on the import path, so that another checkout times its own code), and
+    whether it imported torch. The peak is the process's own VmHWM (a forked child's rusage would count
+    this benchmark's memory too)."""
+    probe = ("import runpy, sys\nsys.argv = sys.argv[1:]\ntry:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+             "except SystemExit:\n    pass\n"
+             "peak = next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM'))\n"
+             "print('torch' in sys.modules, peak, file=sys.stderr)")
+    environment = dict(os.environ, PYTHONPATH=str(root))
+    times, peaks, torch_loaded = [], [], False
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = subprocess.run([sys.executable, "-c", probe, str(root / argv[0]), *argv[1:]], cwd=root,
+                                env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                check=False)
+        times.append(time.perf_counter() - started)
+        loaded, peak_kib = result.stderr.split()[-2:]
+        peaks.append(int(peak_kib) / 1024)
+        torch_loaded = loaded == "True"
+    return statistics.median(times), statistics.median(peaks), torch_loaded
+
+
+def bench_launch(args: argparse.Namespace) -> None:
+    root = Path(args.root).resolve()
+    console = Console()
+    table = Table(title=f"start-up of the processes that do not train ({root}, median of {args.repeats})")
+    for column in ("process", "command", "wall s", "peak RSS MiB", "imports torch"):
+        table.add_column(column, justify="left" if column in ("process", "command") else "right")
+    for name, argv in LAUNCH_COMMANDS:
+        if not (root / argv[0]).is_file():
+            continue
+        wall, peak, torch_loaded = measure_start_up(root, argv, args.repeats)
+        table.add_row(name, " ".join(argv), f"{wall:.2f}", f"{peak:.0f}", "yes" if torch_loaded else "no")
+    console.print(table)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m danet.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -325,6 +373,13 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--compile", action="store_true",
                        help="add the fastest PAM+CAM row again under torch.compile (minutes per graph)")
     train.set_defaults(run=bench_train)
+    launch = commands.add_parser("launch", help="start-up time and memory of the launchers and report script")
+    launch.add_argument("--root", default=str(Path(__file__).resolve().parents[1]),
+                        help="the checkout whose scripts to time (default: this one); another commit's checkout "
+                             "gives the before of a change")
+    launch.add_argument("--repeats", type=int, default=5, help="fresh processes per command, median reported "
+                                                               "(default: 5)")
+    launch.set_defaults(run=bench_launch)
     args = parser.parse_args(argv)
     args.run(args)
 

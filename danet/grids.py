@@ -64,6 +64,20 @@ class Grid:
         names = {name for settings in cells for name in settings}
         return tuple(sorted(name for name in names if len({repr(settings.get(name)) for settings in cells}) > 1))
 
+    def named_cells(self) -> dict[str, dict[str, Any]]:
+        """Each named cell's switches (in the grid's order): its settings besides the seed and the
+        tracking fields, over all of its expanded cells."""
+        named: dict[str, dict[str, Any]] = {}
+        for settings in self.cells.values():
+            switches = {name: value for name, value in settings.items()
+                        if name != "seed" and field_section(name) != "tracking"}
+            named.setdefault(settings["grid_cell"], {}).update(switches)
+        return named
+
+    def switches(self) -> set[str]:
+        """The fields the grid's named cells set: the switches under study (the seed is an axis)."""
+        return {name for settings in self.named_cells().values() for name in settings}
+
 
 def _format(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)

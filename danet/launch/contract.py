@@ -26,7 +26,6 @@ from danet.config import SECTIONS, RunConfig, UsageError, find_yaml, load_yaml, 
 from danet.data.catalog import CLASS_COUNTS, DataError, train_images
 from danet.grids import grid_cell, load_grid
 from danet.paths import GRID_DIR, PRESET_DIR, RUN_SCRIPT
-from danet.tracking import RunStore
 
 DEFAULT_PRESET = "demo"
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
@@ -215,6 +214,8 @@ class RunTarget:
 
     @property
     def run_dir(self) -> Path:
+        from danet.tracking import RunStore  # numpy: not for run.py --help, which parses with this module
+
         return RunStore(self.cfg.tracking.runs_dir, self.cfg).dir
 
 
