@@ -3,13 +3,14 @@
     python reports/plan.py --runs-dir results/camvid_cpu/runs --effect 1.0
     python reports/plan.py --runs-dir DIR --cells PAM CAM PAM+CAM --budget-hours 10 --csv plan.csv
 
-The comparisons are those of make_tables: a grid's declared comparisons (records of a grid with
-`comparisons`) or each table1/table2 row against its baseline. For each, the pilot's paired
-differences give the sd; the seeds needed are the smallest n at which the one-sided paired t-test at
-alpha/k (Holm's strictest step over the k comparisons planned) has the power for the target effect
-and the exact sign-flip test can reach alpha/k at all (2^-n <= alpha/k). Every planned cell gets the
-same seeds, so that the comparisons stay paired; the cost is the records' measured minutes per run.
-With --budget-hours: the seeds per cell those hours of new runs buy, and the effect they detect.
+The comparisons are those of make_tables (reports/report.py): a grid's declared comparisons (records
+of a grid with `comparisons`) or each table1/table2 row against its baseline. For each, the pilot's
+paired differences give the sd; the seeds needed are the smallest n at which the one-sided paired
+t-test at alpha/k (Holm's strictest step over the k comparisons planned) has the power for the
+target effect and the exact sign-flip test can reach alpha/k at all (2^-n <= alpha/k). Every planned
+cell gets the same seeds, so that the comparisons stay paired; the cost is the records' measured
+minutes per run. With --budget-hours: the seeds per cell those hours of new runs buy, and the effect
+they detect.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from pathlib import Path
 import pandas as pd
 
 from danet.config import UsageError
-from reports.make_tables import GRIDS_DIR, layout_applies
+from danet.paths import GRID_DIR
+from reports.report import layout_applies
 from reports.sources import NoRunsFound, read_run_store
 from reports.stats import MAX_SEEDS, POWER, minimum_detectable_effect, seeds_needed, smallest_p_value
 from reports.tables import (
@@ -33,23 +35,23 @@ from reports.tables import (
     DuplicateRunsError,
     MixedCellError,
     ablation_table,
+    find_grid,
     grid_tables,
-    load_grid_spec,
     resolve_duplicates,
     usable_runs,
 )
 
 
-def pilot(runs: pd.DataFrame, metric: str = "final_miou", grids_dir: Path = GRIDS_DIR) -> tuple[pd.DataFrame,
+def pilot(runs: pd.DataFrame, metric: str = "final_miou", grids_dir: Path = GRID_DIR) -> tuple[pd.DataFrame,
                                                                                                  pd.DataFrame]:
     """The pilot's cells (cell, n, minutes, images_per_s) and comparisons (comparison, treatment,
     baseline, delta_n, delta_sd), as make_tables would tabulate them."""
     usable, _ = usable_runs(runs, metric)
     usable, _ = resolve_duplicates(usable, keep_newest=False)
     for grid in sorted(set(usable["grid"].fillna("").astype(str)) - {""}):
-        spec = load_grid_spec(grids_dir, grid)
-        if spec is not None and spec.comparisons:
-            cells, comparisons = grid_tables(usable[usable["grid"] == grid], spec, metric)
+        found = find_grid(grids_dir, grid)
+        if found is not None and found.comparisons:
+            cells, comparisons = grid_tables(usable[usable["grid"] == grid], found, metric)
             return cells, comparisons
     layout = next((layout for layout in (TABLE1, TABLE2) if layout_applies(usable, layout)), None)
     if layout is None:
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, default=ALPHA, help="family-wise level (default 0.05)")
     parser.add_argument("--power", type=float, default=POWER, help="target power (default 0.8)")
     parser.add_argument("--metric", choices=["final_miou", "best_miou"], default="final_miou")
-    parser.add_argument("--grids-dir", type=Path, default=GRIDS_DIR, help="where grid YAMLs live")
+    parser.add_argument("--grids-dir", type=Path, default=GRID_DIR, help="where grid YAMLs live")
     args = parser.parse_args(argv)
     try:
         runs = read_run_store(args.runs_dir)

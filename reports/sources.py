@@ -143,7 +143,9 @@ def _cell_hash(config: dict[str, dict[str, Any]]) -> str | None:
 
 def read_wandb(path: str, sweep: str | None = None, api=None) -> pd.DataFrame:
     """Runs of a W&B project (ENTITY/PROJECT), optionally of one sweep: summaries and configs in
-    one paged query (no histories: those are down-sampled and slow to pull, SWEEPS.md)."""
+    one paged query (Api.runs pages by per_page). No histories: Run.history() returns a sampled
+    subset of the logged steps (500 by default) and Run.scan_history() pages through every step,
+    one request per run (W&B docs, "Export data" and the public API reference of wandb.apis.public)."""
     if api is None:
         import wandb
 

@@ -1,4 +1,15 @@
-"""Statistics for ablation tables with a handful of seeds per cell (SWEEPS.md, "Statistics")."""
+"""Statistics for ablation tables with a handful of seeds per cell.
+
+Per cell the Student t-interval of the mean over seeds; per comparison the differences paired by
+seed, their exact one-sided sign-flip (paired permutation) test, what scipy.stats.permutation_test
+with permutation_type="samples" computes, and Holm's step-down adjustment over a table's rows
+(S. Holm, "A simple sequentially rejective multiple test procedure", Scandinavian Journal of
+Statistics 6(2), 1979); the probability of improvement P(A > B), the Mann-Whitney U statistic over
+n_A n_B (as in Agarwal et al., "Deep Reinforcement Learning at the Edge of the Statistical
+Precipice", NeurIPS 2021); and the power of the one-sided paired t-test from the noncentral t
+distribution (J. Cohen, "Statistical Power Analysis for the Behavioral Sciences", 2nd ed., 1988;
+scipy.stats.nct), which gives the minimum detectable effect and the seeds needed.
+"""
 
 from __future__ import annotations
 
@@ -110,7 +121,9 @@ MAX_SEEDS = 1000
 
 def paired_t_power(effect: float, sd: float, n: int, alpha: float) -> float:
     """Power of the one-sided paired t-test at level alpha with n pairs whose differences have
-    standard deviation sd, against a true mean difference `effect` (SWEEPS.md, "Power"):
+    standard deviation sd, against a true mean difference `effect`: the paired t statistic then
+    follows the noncentral t distribution with n - 1 degrees of freedom and noncentrality
+    effect * sqrt(n) / sd (Cohen 1988, ch. 2; scipy.stats.nct), so the power is
     1 - F_nct(t(1 - alpha, n - 1); n - 1, effect * sqrt(n) / sd)."""
     critical = scipy_stats.t.ppf(1 - alpha, n - 1)
     return float(scipy_stats.nct.sf(critical, n - 1, effect * math.sqrt(n) / sd))

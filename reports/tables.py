@@ -13,8 +13,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from danet.config import NOT_IN_CELL, field_section, fields_by_cell_rule
-from danet.grids import load_grid
+from danet.config import NOT_IN_CELL, fields_by_cell_rule
+from danet.grids import Grid, load_grid
 from reports.sources import IOU_PREFIX, MACHINE_NOT_RECORDED
 from reports.stats import (
     POWER,
@@ -288,73 +288,44 @@ def ablation_table(runs: pd.DataFrame, layout: Layout, metric: str = "final_miou
     return add_tests(pd.DataFrame(records), alpha, power, effect)
 
 
-@dataclass(frozen=True)
-class Comparison:
-    name: str
-    treatment: str  # grid cell names
-    baseline: str
-
-
-@dataclass(frozen=True)
-class GridSpec:
-    """What make_tables needs of a grid YAML: its design, its cells' switches, its comparisons."""
-    name: str
-    design: str
-    cells: dict[str, dict[str, Any]]
-    comparisons: list[Comparison]
-
-    @property
-    def switches(self) -> set[str]:
-        """The fields the grid's cells set: the switches under study (the seed is an axis)."""
-        return {field for values in self.cells.values() for field in values} - {"seed"}
-
-
-def load_grid_spec(grids_dir: Path, name: str) -> GridSpec | None:
-    """ablations/grids/<name>.yaml, read by the same loader as the launchers; None when the file is
-    missing. A named cell's switches are its settings besides the seed and the tracking fields."""
+def find_grid(grids_dir: Path, name: str) -> Grid | None:
+    """<grids_dir>/<name>.yaml, read by the same loader as the launchers; None when the file is missing."""
     path = Path(grids_dir) / f"{name}.yaml"
-    if not path.is_file():
-        return None
-    grid = load_grid(str(path), Path(grids_dir))
-    cells: dict[str, dict[str, Any]] = {}
-    for settings in grid.cells.values():
-        switches = {field: value for field, value in settings.items()
-                    if field != "seed" and field_section(field) != "tracking"}
-        cells.setdefault(settings["grid_cell"], {}).update(switches)
-    comparisons = [Comparison(**item) for item in grid.comparisons]
-    return GridSpec(grid.name, grid.design, cells, comparisons)
+    return load_grid(str(path), Path(grids_dir)) if path.is_file() else None
 
 
-def grid_tables(runs: pd.DataFrame, spec: GridSpec, metric: str = "final_miou", alpha: float = ALPHA,
+def grid_tables(runs: pd.DataFrame, grid: Grid, metric: str = "final_miou", alpha: float = ALPHA,
                 power: float = POWER, effect: float = EFFECT) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The per-cell table and the comparisons table of a grid that declares comparisons. Records
     are matched to cells by tracking.grid_cell. A controlled grid's cells may differ only in the
     switches the grid studies (and the seed)."""
     complete, _ = usable_runs(runs[runs["grid_cell"].astype(str) != ""], metric)
     if complete.empty:
-        raise MixedCellError(f"no complete runs of grid {spec.name} to tabulate")
+        raise MixedCellError(f"no complete runs of grid {grid.name} to tabulate")
+    grid_switches = grid.switches()
     design = design_of(complete)
     check_not_mixed(complete, ["grid_cell"], design, {(name,): name for name in complete["grid_cell"]})
     if design == "controlled":
         firsts = complete.groupby("grid_cell").first()
-        differing = [column for column in setting_columns(complete) if column not in spec.switches | {"seed"}
+        differing = [column for column in setting_columns(complete) if column not in grid_switches | {"seed"}
                      and column in firsts and _varies(firsts[column])]
         if differing:
-            raise MixedCellError(f"grid {spec.name} (design: controlled) has cells that differ in {differing}, "
-                                 f"which are not switches it studies ({sorted(spec.switches)})")
-    order = [name for name in spec.cells if name in set(complete["grid_cell"])]
+            raise MixedCellError(f"grid {grid.name} (design: controlled) has cells that differ in {differing}, "
+                                 f"which are not switches it studies ({sorted(grid_switches)})")
+    order = [name for name in grid.named_cells() if name in set(complete["grid_cell"])]
     order += sorted(set(complete["grid_cell"]) - set(order))
     groups = {name: complete[complete["grid_cell"] == name] for name in order}
     by_seed_of = {name: _by_seed(group, metric, name) for name, group in groups.items()}
-    switches = [field for field in SWITCH_LABELS if field in spec.switches and field in complete]
-    switches += sorted(spec.switches & set(complete.columns) - set(switches))
+    switches = [field for field in SWITCH_LABELS if field in grid_switches and field in complete]
+    switches += sorted(grid_switches & set(complete.columns) - set(switches))
     cells = pd.DataFrame([{"cell": name, **group.iloc[0][switches].to_dict(),
                            **_cell_record({}, group, by_seed_of[name])} for name, group in groups.items()])
     records = []
-    for comparison in spec.comparisons:
-        record = {"comparison": comparison.name, "treatment": comparison.treatment, "baseline": comparison.baseline}
-        if comparison.treatment in by_seed_of and comparison.baseline in by_seed_of:
-            record |= _paired_statistics(by_seed_of[comparison.treatment], by_seed_of[comparison.baseline])
+    for comparison in grid.comparisons:
+        treatment, baseline = comparison["treatment"], comparison["baseline"]
+        record = {"comparison": comparison["name"], "treatment": treatment, "baseline": baseline}
+        if treatment in by_seed_of and baseline in by_seed_of:
+            record |= _paired_statistics(by_seed_of[treatment], by_seed_of[baseline])
         records.append(record)
     comparisons = add_tests(pd.DataFrame(records), alpha, power, effect)
     return cells, comparisons

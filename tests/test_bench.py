@@ -25,3 +25,12 @@ def test_train_benchmark_prints_one_markdown_table_with_every_row_on_the_cpu():
         assert len(cells) == 6 and float(cells[1]) > 0 and float(cells[3]) > 0, row
         assert re.fullmatch(r"\d+\.\d\dx", cells[4]) and re.fullmatch(r"[+-]\d+", cells[5]), row
     assert rows[1].split(" | ")[4] == "1.00x"  # ratios are against the head without attention
+
+
+def test_the_report_benchmark_times_the_whole_report_of_generated_records():
+    result = subprocess.run([sys.executable, "-m", "reports.report_bench", "--runs", "16"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert re.search(r"make_tables on 16 records \(tables \+ figures\): \d+\.\d s, exit 0", result.stdout), result.stdout
+    # table1 .md/.tex/.csv, runs.csv, not_complete.csv and 4 figures as .png and .pdf
+    assert "16 runs from" in result.stderr and "wrote 13 files" in result.stderr

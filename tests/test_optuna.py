@@ -211,8 +211,7 @@ def test_optunas_own_tools_read_the_study(tmp_path):
     assert sorted(row["params"]["cell"] for row in json.loads(listed.stdout)) == ["fcn_seed=0", "fcn_seed=1"]
     assert all(0 <= row["value"]["val mIoU"] <= 1 for row in json.loads(listed.stdout))  # the named objective
 
-    from reports import make_tables
-
+    make_tables = load_script("reports/make_tables.py")
     assert make_tables.main(["--optuna-storage", str(tmp_path / journal), "--study", "tools", "--out",
                              str(tmp_path / "out"), "--no-figures"]) == 0
     assert (tmp_path / "out" / "runs.csv").read_text().count("\n") == 3  # a header and two runs

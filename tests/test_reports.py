@@ -8,11 +8,13 @@ import pytest
 from scipy import stats as scipy_stats
 
 from danet.config import RunConfig
-from reports import make_tables
+from reports import report
 from reports.sources import NoRunsFound, read_run_store
 from reports.stats import holm, paired_delta, probability_of_improvement, sign_flip_p_value, t_interval
 from reports.tables import TABLE1, MixedCellError, ablation_table, presentable
-from tests.conftest import REPORT_CELLS, run_cli, tiny_flags, write_run
+from tests.conftest import REPORT_CELLS, load_script, run_cli, tiny_flags, write_run
+
+make_tables = load_script("reports/make_tables.py")
 
 
 def test_t_interval_matches_scipy():
@@ -271,10 +273,30 @@ def test_a_table_too_wide_for_the_terminal_is_named_not_folded(table1_runs, tmp_
     from rich.console import Console
 
     screen = io.StringIO()
-    monkeypatch.setattr(make_tables, "stderr_console", lambda: Console(file=screen, force_terminal=True, width=60))
+    monkeypatch.setattr(report, "stderr_console", lambda: Console(file=screen, force_terminal=True, width=60))
     out = tmp_path / "out"
     assert make_tables.main(["--runs-dir", str(table1_runs), "--out", str(out), "--no-figures"]) == 0
     shown = screen.getvalue()
     assert "too wide for this 60-column terminal: see" in " ".join(shown.split())
     assert f"{out / 'table1'}.md" in "".join(shown.split())
     assert "| DANet head, no attention |" not in shown  # no folded table
+
+
+@pytest.mark.parametrize("script", ["reports/make_tables.py", "reports/plan.py"])
+def test_the_report_scripts_import_no_torch(script):
+    """The scripts and every module they import (pandas, scipy, the config) load without torch."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    check = ("import runpy, sys\n"
+             "sys.argv = [sys.argv[1], '--help']\n"
+             "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit as stop:\n"
+             "    assert stop.code == 0, stop.code\n"
+             "import reports.report, reports.tables, reports.sources, reports.stats\n"
+             "assert 'torch' not in sys.modules, 'torch imported'\n")
+    result = subprocess.run([sys.executable, "-c", check, script], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage:" in result.stdout

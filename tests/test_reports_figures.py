@@ -5,8 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from reports import figures, make_tables
-from tests.conftest import REPORT_CELLS, write_run
+from reports import figures
+from tests.conftest import REPORT_CELLS, load_script, write_run
+
+make_tables = load_script("reports/make_tables.py")
 
 
 def test_class_differences_are_paired_by_seed():

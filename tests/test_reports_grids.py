@@ -11,10 +11,11 @@ import pytest
 import yaml
 
 from danet.config import IN_CELL_UNLESS_DEFAULT, defaults_by_cell_rule
-from reports import make_tables
 from reports.sources import read_run_store
 from reports.stats import holm, sign_flip_p_value
-from tests.conftest import write_run
+from tests.conftest import load_script, write_run
+
+make_tables = load_script("reports/make_tables.py")
 
 CONTROLLED = {"design": "controlled", "preset": "camvid_cpu",
               "blocks": [{"axes": {"seed": list(range(8))},
@@ -283,3 +284,22 @@ def test_table2s_multi_scale_row_is_made_of_the_evaluations_of_the_trained_check
     note = (out / "table2.md").read_text()
     assert "evaluation records (ms0.75-1-1.25-flip) of the trained cells' last checkpoints" in note
     assert len(pd.read_csv(out / "runs.csv")) == 9  # the evaluations are rows of the table, not runs
+
+
+def test_the_grid_knows_its_file_its_varying_settings_and_its_named_cells(tmp_path):
+    from danet.grids import load_grid
+
+    grid = {"preset": "demo", "design": "as-released",
+            "blocks": [{"axes": {"seed": [0, 1]}, "cells": {"base": {"pam": False, "lr": 0.01},
+                                                             "pam": {"pam": True, "lr": 0.01}}}],
+            "comparisons": [{"name": "PAM", "treatment": "pam", "baseline": "base"}]}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    loaded = load_grid("tiny", tmp_path)
+    assert loaded.path == path and loaded.name == "tiny"
+    # lr is the same in every cell; grid_cell is a tracking field, but it differs between the cells
+    assert loaded.varying() == ("grid_cell", "pam", "seed")
+    assert loaded.named_cells() == {"base": {"pam": False, "lr": 0.01}, "pam": {"pam": True, "lr": 0.01}}
+    assert loaded.switches() == {"pam", "lr"}
+    # positional construction (the fields before `path`) still works, without a file
+    assert type(loaded)(loaded.name, loaded.preset, loaded.design, loaded.cells).path is None

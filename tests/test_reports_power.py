@@ -11,12 +11,13 @@ import pytest
 from scipy import integrate
 from scipy import stats as scipy_stats
 
-from reports import plan
 from reports.controls import false_positive_rates, null_differences
 from reports.sources import read_run_store
 from reports.stats import minimum_detectable_effect, paired_t_power, seeds_needed, sign_flip_p_values
 from reports.tables import TABLE1, ablation_table, presentable
-from tests.conftest import REPORT_CELLS, write_run
+from tests.conftest import REPORT_CELLS, load_script, write_run
+
+plan = load_script("reports/plan.py")
 
 
 def integrated_power(effect, sd, n, alpha):

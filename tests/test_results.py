@@ -11,9 +11,11 @@ import pytest
 
 from danet.config import resolve_for_dataset
 from danet.grids import load_grid
-from reports import make_tables
+from danet.paths import RESULTS_DIR
 from reports.sources import read_run_store
-from tests.conftest import GRIDS, REPO, resolve
+from tests.conftest import GRIDS, load_script, resolve
+
+make_tables = load_script("reports/make_tables.py")
 
 CAMVID = (11, 367)  # classes, training images
 SYNTHETIC = (5, 2048)  # the synthetic training set's default size
@@ -24,7 +26,7 @@ SYNTHETIC = (5, 2048)  # the synthetic training set's default size
                                                           ("camvid_cpu_controlled", "camvid_cpu_controlled", 40, CAMVID),
                                                           ("synthetic", "synthetic_control", 16, SYNTHETIC)])
 def test_committed_records_are_cells_of_the_grid_under_the_current_preset(folder, grid, cells, dataset):
-    runs = read_run_store(REPO / "results" / folder / "runs")
+    runs = read_run_store(RESULTS_DIR / folder / "runs")
     assert (runs["status"] == "complete").all(), runs.loc[runs["status"] != "complete", "run_id"].tolist()
     grid_hashes = {resolve_for_dataset(resolve(["--grid", grid, "--cell", cell_id]), *dataset)
                    .cell_hash() for cell_id in load_grid(grid, GRIDS).cells}
@@ -36,7 +38,7 @@ def test_committed_records_are_cells_of_the_grid_under_the_current_preset(folder
 
 @pytest.mark.slow
 def test_controlled_records_carry_their_grid_and_their_test_time_augmentation():
-    runs = read_run_store(REPO / "results" / "camvid_cpu_controlled" / "runs")
+    runs = read_run_store(RESULTS_DIR / "camvid_cpu_controlled" / "runs")
     assert set(runs["design"]) == {"controlled"} and set(runs["grid"]) == {"camvid_cpu_controlled"}
     for run in runs.itertuples():  # each run's final checkpoint, evaluated with flip + 3 scales right after it
         path, = Path(run.run_dir).glob("evaluations/val-ms0.75-1-1.25-flip-*.json")
@@ -63,7 +65,7 @@ PUBLISHED = [  # results folder, extra make_tables arguments, the tables it hold
 @pytest.mark.parametrize("folder, arguments, tables", PUBLISHED,
                          ids=[" ".join([folder, *arguments]) for folder, arguments, _ in PUBLISHED])
 def test_published_tables_rebuild_from_the_committed_records(folder, arguments, tables, tmp_path):
-    results = REPO / "results" / folder
+    results = RESULTS_DIR / folder
     assert make_tables.main(["--runs-dir", str(results / "runs"), "--out", str(tmp_path), "--no-figures",
                              *arguments]) == 0
     for table in tables:

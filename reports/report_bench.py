@@ -1,6 +1,6 @@
-"""Time the whole report on 1,000 generated records.
+"""Time the whole report (reports/report.py, tables and figures) on 1,000 generated records.
 
-    python -m reports.bench [--runs 1000]
+    python -m reports.report_bench [--runs 1000]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from reports import make_tables
+from reports.report import ReportRequest, make_report
 
 CLASSES = ("sky", "building", "pole", "road", "sidewalk", "tree", "sign", "fence", "car", "pedestrian", "bicyclist")
 CELLS = [(False, False), (True, False), (False, True), (True, True)]
@@ -45,15 +45,15 @@ def write_records(runs_dir: Path, count: int, rng: np.random.Generator) -> None:
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(event) + "\n" for event in events))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=1000, help="records to generate (default: 1000)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         runs_dir, out = Path(scratch) / "runs", Path(scratch) / "out"
         write_records(runs_dir, args.runs, np.random.default_rng(0))
         start = time.perf_counter()
-        code = make_tables.main(["--runs-dir", str(runs_dir), "--out", str(out)])
+        code = make_report(ReportRequest(runs_dir=runs_dir, out=out))
         seconds = time.perf_counter() - start
         print(f"make_tables on {args.runs} records (tables + figures): {seconds:.1f} s, exit {code}")
 
