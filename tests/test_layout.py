@@ -38,3 +38,9 @@ def test_no_library_module_imports_the_command_line():
 def test_no_module_imports_a_report_script():
     scripts = {"reports.make_tables", "reports.plan"}
     assert [path for path in _modules((*SOURCE_FOLDERS, "tests")) if scripts & _imported(path)] == []
+
+
+def test_the_report_script_is_thin():
+    tree = ast.parse((REPO / "reports" / "make_tables.py").read_text())
+    main, = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main"]
+    assert main.end_lineno - main.lineno + 1 <= 40
