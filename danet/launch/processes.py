@@ -42,7 +42,8 @@ def run_together(commands: list[tuple[str, list[str]]], describe: str,
                  grace_seconds: float = STOP_GRACE_SECONDS) -> int:
     """Run each (CUDA_VISIBLE_DEVICES value, argv) at once; '' leaves the variable as it is.
 
-    Returns the largest exit status, or 130 after an interrupt (Ctrl-C or SIGTERM).
+    Returns the largest exit status (a child killed by signal N counts as 128 + N, as a shell says it),
+    or 130 after an interrupt (Ctrl-C or SIGTERM).
     """
     def interrupt(signum, frame):
         raise KeyboardInterrupt
@@ -65,4 +66,4 @@ def run_together(commands: list[tuple[str, list[str]]], describe: str,
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    return max(process.returncode for process in processes)
+    return max(code if code >= 0 else 128 - code for code in (process.returncode for process in processes))

@@ -114,13 +114,20 @@ def worker_alive(trial: FrozenTrial) -> bool:
 
 
 def propose_again(study: optuna.Study, trial: FrozenTrial, console: Console | None = None) -> None:
-    """A trial whose worker died (its run killed with it): propose its cell again, to resume from its
-    checkpoint, as one more attempt (a cell that kills its worker every time must not loop forever)."""
+    """A trial whose worker died: propose its cell again, to resume from its checkpoint. A run killed with
+    its worker counts as one more attempt (a cell that kills its worker every time must not loop forever);
+    a run that outlived it long enough to stop at a checkpoint (preempted: the executor's runs get SIGTERM
+    when it dies) does not."""
     attempt = trial.user_attrs.get("attempt", 1)
-    if attempt < MAX_ATTEMPTS:
-        requeue(study, trial, attempt=attempt + 1, resumes_trial=trial.number)
+    run_dir = trial.user_attrs.get("run_dir")
+    preempted = run_dir is not None and (read_summary(Path(run_dir)) or {}).get("status") == STATUS_PREEMPTED
+    if not preempted:
+        attempt += 1
+    if attempt <= MAX_ATTEMPTS:
+        requeue(study, trial, attempt=attempt, resumes_trial=trial.number)
     if console is not None:
-        what = "proposed again (its run resumes)" if attempt < MAX_ATTEMPTS else f"not proposed again ({attempt} attempts)"
+        what = "proposed again (its run resumes)" if attempt <= MAX_ATTEMPTS else \
+            f"not proposed again ({MAX_ATTEMPTS} attempts)"
         console.print(f"trial {trial.number}: its worker died; {what}", markup=False, soft_wrap=True)
 
 
