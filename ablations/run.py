@@ -6,9 +6,8 @@
 """
 
 import sys
-from pathlib import Path
 
 from danet.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], preset_dir=Path(__file__).resolve().parent / "configs"))
+    sys.exit(main(sys.argv[1:]))

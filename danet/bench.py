@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from danet.config import DataConfig, ModelConfig
+from danet.paths import REPO
 from danet.losses import SegmentationLoss
 from danet.models import DilatedResNet
 from danet.models import build as build_model
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
                        help="add the fastest PAM+CAM row again under torch.compile (minutes per graph)")
     train.set_defaults(run=bench_train)
     launch = commands.add_parser("launch", help="start-up time and memory of the launchers and report script")
-    launch.add_argument("--root", default=str(Path(__file__).resolve().parents[1]),
+    launch.add_argument("--root", default=str(REPO),
                         help="the checkout whose scripts to time (default: this one); another commit's checkout "
                              "gives the before of a change")
     launch.add_argument("--repeats", type=int, default=5, help="fresh processes per command, median reported "
