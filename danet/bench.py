@@ -31,11 +31,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from danet.config import DataConfig, ModelConfig
-from danet.paths import REPO
 from danet.losses import SegmentationLoss
 from danet.models import DilatedResNet
 from danet.models import build as build_model
 from danet.models.attention import PositionAttention, fused_impl
+from danet.paths import REPO
 
 BENCH_IMPLS = ("explicit", "sdpa", "chunked")
 
