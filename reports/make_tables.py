@@ -12,7 +12,10 @@ declares comparisons (ablations/grids/<grid>.yaml), cells (one row per grid cell
 (the grid's paired comparisons); the generic table; each as .md, .tex and .csv, plus runs.csv (one
 row per run) and not_complete.csv (running, failed, unreadable runs and complete runs without a
 usable number, each with its reason: listed, never averaged in). With --split / --protocol the
-numbers come from the runs' evaluation records and every file name gets that suffix.
+numbers come from the runs' evaluation records and every file name gets that suffix. Last, the
+folder's results page, OUT/README.md (reports/pages.py): the records' grid, design, recipe,
+machines and cells, the hand-written OUT/about.md, every table and figure the folder holds (every
+suffix), and the hand-written OUT/reading.md.
 
 Each call first removes the files an earlier call with the same suffix wrote, so the folder always
 describes the last call. Exit status 2 (and no tables) when no runs are found, a cell would pool

@@ -5,9 +5,11 @@ earlier report with the same suffix wrote (remove_stale_outputs), load the runs 
 those with a usable number (select_runs), refuse or resolve two records of one cell and seed
 (resolve_duplicates), build the tables (grid_report_tables for the records of a grid that declares
 comparisons, layout_report_table for table1 / table2, generic_report for --rows / --cols) and write
-each with its note and figures (write_report_table). It returns the script's exit status: 2, with
-one line on stderr, when no runs are found, a cell would pool different settings or two complete
-records share a cell and seed.
+each with its note and figures (write_report_table), and last the folder's results page
+(OUT/README.md, reports/pages.py: the records' header, about.md, every table and figure the folder
+holds, reading.md). It returns the script's exit status: 2, with one line on stderr, when no runs
+are found, a cell would pool different settings or two complete records share a cell and seed (a
+failed call leaves no page either).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from danet.config import UsageError
 from danet.console import stderr_console
 from danet.grids import Grid
 from danet.paths import GRID_DIR
+from reports import pages
 from reports.sources import (
     UNREADABLE,
     NoRunsFound,
@@ -140,11 +143,32 @@ def our_outputs(out: Path, suffix: str) -> list[Path]:
 
 def remove_stale_outputs(out: Path, suffix: str) -> list[Path]:
     """Remove what an earlier report with this suffix wrote (never left beside this report's output,
-    nor alone); the paths removed."""
+    nor alone), and the folder's generated page (rewritten after a call that succeeds); the paths
+    removed."""
     stale = [path for path in our_outputs(out, suffix) if path.exists()]
     for path in stale:
         path.unlink()
+    if pages.remove_page(out):
+        stale.append(out / pages.PAGE)
     return stale
+
+
+def write_page(out: Path, runs: pd.DataFrame, evaluations: pd.DataFrame, where: str, grids_dir: Path,
+               prog: str = PROG) -> list[Path]:
+    """The folder's results page (reports/pages.py), after its tables and figures; warns instead
+    when a hand-written README.md is in the way."""
+    header = pages.records_header(runs, evaluations, where, grids_dir)
+    page = pages.write_page(out, header, prog, pages.default_title(runs))
+    if page is None:
+        print(f"{prog}: warning: {out / pages.PAGE} is not a page this script wrote: left as it is", file=sys.stderr)
+        return []
+    return [page]
+
+
+def records_folder(request: ReportRequest, where: str) -> str:
+    """The records' folder as a page names it: its own name for a local run store (no absolute
+    path), the source in words otherwise."""
+    return f"{request.runs_dir.name}/" if not (request.wandb or request.optuna_storage) else where
 
 
 def load_runs(request: ReportRequest) -> tuple[pd.DataFrame, str]:
@@ -365,6 +389,8 @@ def make_report(request: ReportRequest, prog: str = PROG, console: Console | Non
         written += write_report_table(table, request, where, console)
     if generic is not None:
         written += write_generic(generic, request.out, request.suffix)
+    written += write_page(request.out, runs, selection.evaluations, records_folder(request, where), request.grids_dir,
+                          prog)
     removed = len([path for path in stale if not path.exists()])
     console.print(f"{len(runs)} runs from {where} ({len(not_complete)} not used, listed in {written[1].name}); "
                   f"wrote {len(written)} files to {request.out}" + (f", removed {removed} stale ones" if removed else ""))

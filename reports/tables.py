@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -500,17 +501,92 @@ def table_note(table: pd.DataFrame, baseline: str, alpha: float, power: float, e
             f"power for Δ = {effect:+g} point and 2^-n <= {alpha:g}/k.")
 
 
+def model_description(row: pd.Series | dict) -> str:
+    """What a record's model is, in words that never confuse the two baselines: 'Dilated FCN (FCN
+    head)' (head fcn), 'DANet head, no attention' (the DANet head with PAM and CAM off, whatever its
+    run folder or grid cell is called: a cell named fcn is this one), 'DANet head with PAM+CAM', ...,
+    and ', deep supervision of both branches' where aux_branches is all."""
+    if row.get("head", "danet") == "fcn":
+        return FCN_HEAD_LABEL
+    modules = "+".join(name.upper() for name in ("pam", "cam") if _on(row.get(name)))
+    text = f"DANet head with {modules}" if modules else NO_ATTENTION_LABEL
+    if _on(row.get("aux")) and row.get("aux_branches") == "all":
+        text += ", deep supervision of both branches"
+    return text
+
+
+def loss_names(row: pd.Series | dict) -> list[str]:
+    """The loss terms a record's model trained with (danet.config.ModelConfig.loss_weights, from
+    the flat record): the main output, a branch classifier per DANet-head branch with aux on (those
+    whose module is on, or both with aux_branches all), and the FCN auxiliary head."""
+    branches = row.get("head", "danet") == "danet" and _on(row.get("aux"))
+    every = row.get("aux_branches") == "all"
+    names = ["main"] + [f"{name.upper()} branch" for name in ("pam", "cam") if branches and (_on(row.get(name)) or every)]
+    return names + (["FCN auxiliary"] if _on(row.get("fcn_aux")) else [])
+
+
+def _on(value: Any) -> bool:
+    """A switch that is on (a bool from a record, numpy's or Python's; a missing one is off)."""
+    return isinstance(value, (bool, np.bool_)) and bool(value)
+
+
+def _plain(value: Any) -> str:
+    """A setting as a reader types it: 0.02, 300, (1.0,) -> 1.0, 0.75 1.0 1.25."""
+    if isinstance(value, (tuple, list)):
+        return " ".join(_plain(item) for item in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _recorded(values: pd.Series) -> list[str]:
+    return sorted({str(value) for value in values if value is not None and not pd.isna(value) and str(value)})
+
+
+def _number_first(text: str) -> tuple:
+    try:
+        return (0, float(text), text)
+    except ValueError:
+        return (1, 0.0, text)
+
+
+BRANCH_LOSS = "branch-loss"  # one recipe for every cell, the loss terms following the modules (aux on, as released)
+
+
+def without_design(runs: pd.DataFrame) -> str:
+    """What records that declare no design hold, from their configs: whether lr and iterations are
+    one recipe for every run, the loss terms of each model (one recipe and loss terms that differ
+    between models: the branch-loss design, where a delta is a module and its branch losses), and
+    where the records came from (the Optuna study they name, or runs launched one at a time)."""
+    recipe = {name: runs[name].dropna().map(_plain) for name in ("lr", "iterations") if name in runs}
+    recipe = {name: values for name, values in recipe.items() if not values.empty}
+    one_recipe = all(values.nunique() == 1 for values in recipe.values())
+    settings = ", ".join(f"{name} {' or '.join(sorted(values.unique(), key=_number_first))}"
+                         for name, values in recipe.items())
+    losses: dict[str, int] = {}
+    for _, row in runs.iterrows():
+        losses.setdefault(model_description(row), len(loss_names(row)))
+    ordered = sorted(losses.items(), key=lambda item: (item[1], item[0]))
+    text = (f"a {BRANCH_LOSS} design: " if one_recipe and len(set(losses.values())) > 1 else "") + \
+        (f"one recipe in every run ({settings})" if one_recipe else f"recipes that differ between runs ({settings})")
+    text += "; loss terms per run: " + ", ".join(f"{count} ({model})" for model, count in ordered)
+    studies = _recorded(runs["study"]) if "study" in runs else []
+    return text + (f"; from Optuna study {', '.join(studies)}" if studies else
+                   "; launched one run at a time, outside an Optuna study")
+
+
 def provenance_lines(runs: pd.DataFrame, numbers: str) -> list[str]:
-    """Where the numbers come from, the design the records declare, and (when more than one) the
-    kinds of machine the runs came from."""
+    """Where the numbers come from, the design the records declare (and, for records that declare
+    none, what they hold), and (when more than one) the kinds of machine the runs came from."""
     lines = [f"Numbers: {numbers}."]
     designs = runs.get("design", pd.Series(DESIGN_NOT_RECORDED, index=runs.index)).fillna(DESIGN_NOT_RECORDED)
     grids = sorted(set(runs.get("grid", pd.Series("", index=runs.index)).fillna("").astype(str)) - {""})
-    names = {DESIGN_NOT_RECORDED: "not recorded (records made before grids declared one)",
+    names = {DESIGN_NOT_RECORDED: "not recorded (records made before a record named its grid and design)",
              DESIGN_NOT_FROM_GRID: "none declared (runs not from a grid)"}
     lines.append("Design: " + "; ".join(f"{names.get(design, design)} ({count} runs)"
                                         for design, count in designs.value_counts().sort_index().items())
                  + (f"; grid {', '.join(grids)}" if grids else "") + ".")
+    undeclared = runs[designs.isin([DESIGN_NOT_RECORDED, DESIGN_NOT_FROM_GRID])]
+    if not undeclared.empty:
+        lines.append(f"What the records without a design hold: {without_design(undeclared)}.")
     machines = runs.get("machine", pd.Series(MACHINE_NOT_RECORDED, index=runs.index)).fillna(MACHINE_NOT_RECORDED)
     if machines.nunique() > 1:
         lines.append("Runs from more than one kind of machine: " + "; ".join(

@@ -122,7 +122,7 @@ def test_imagenet_weights_without_cache_or_network_say_where_to_put_the_file(tmp
 
 
 def test_basic_blocks_take_the_previous_rate_in_both_convs_of_a_dilated_stages_first_block():
-    # Pinned on purpose (README, "The model"): the released code's BasicBlock puts the stage's new
+    # Pinned on purpose (docs/model.md): the released code's BasicBlock puts the stage's new
     # rate in the first block's conv2; here both 3x3 convs keep the previous rate. Changing it would
     # change the model behind every committed ResNet-18 record.
     backbone = DilatedResNet("resnet18", output_stride=8)

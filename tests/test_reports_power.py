@@ -76,13 +76,13 @@ def sign_flip_power(effect, sd, n, alpha, draws, rng):
 @pytest.mark.parametrize("effect, sd, k, quoted", [(1.0, 1.2, 3, 0.839), (1.0, 1.0, 4, 0.835), (1.0, 0.6, 1, 0.787)])
 def test_the_exact_tests_real_power_at_seeds_needed(effect, sd, k, quoted):
     """seeds_needed comes from the t-test; the exact sign-flip test the tables use has somewhat less
-    power there. The README quotes these figures (pytest -s prints them)."""
+    power there. docs/reports.md quotes these figures (pytest -s prints them)."""
     n = seeds_needed(effect, sd, 0.05 / k)
     power = sign_flip_power(effect, sd, n, 0.05 / k, 4000, np.random.default_rng(k))
     print(f"\neffect {effect}, sd {sd}, Holm over {k}: seeds_needed {n}, t-test power "
           f"{paired_t_power(effect, sd, n, 0.05 / k):.3f}, sign-flip power (4000 draws) {power:.3f}")
     assert 0.65 <= power <= paired_t_power(effect, sd, n, 0.05 / k) + 0.03
-    assert power == pytest.approx(quoted, abs=0.02)  # the README's figure (a seeded simulation)
+    assert power == pytest.approx(quoted, abs=0.02)  # the figure docs/reports.md quotes (a seeded simulation)
 
 
 def test_aa_the_exact_test_and_holm_keep_their_false_positive_rate():
@@ -154,7 +154,7 @@ def test_the_exact_tests_power_where_the_t_test_has_80_percent(n, quoted):
     power = sign_flip_power(effect, 1.0, n, 0.05, 20_000, np.random.default_rng(n))
     print(f"\nn = {n}: t-test 80%-power effect {effect:.3f} sd; sign-flip power (20000 draws) {power:.3f}")
     assert 0.55 <= power <= 0.82
-    assert power == pytest.approx(quoted, abs=0.02)  # the README's figure (a seeded simulation)
+    assert power == pytest.approx(quoted, abs=0.02)  # the figure docs/reports.md quotes (a seeded simulation)
 
 
 def test_table_power_columns_use_the_holm_family_of_the_table(tmp_path):

@@ -1,9 +1,13 @@
 """The published results: every committed CPU record is a complete run of a cell of its grid
 (camvid_cpu, camvid_cpu_controlled, synthetic_control) under the current preset, one record per
 cell, and each committed table (the CPU grids, the GPU check, the controlled grid under both test
-protocols, the synthetic positive control) is what the report command rebuilds from its records."""
+protocols, the synthetic positive control) and each folder's results page (README.md) is what the
+report command (reports/controls.py for results/controls) rebuilds from its records and the
+folder's hand-written about.md and reading.md."""
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -16,6 +20,7 @@ from reports.sources import read_run_store
 from tests.conftest import GRIDS, load_script, resolve
 
 make_tables = load_script("reports/make_tables.py")
+controls = load_script("reports/controls.py")
 
 CAMVID = (11, 367)  # classes, training images
 SYNTHETIC = (5, 2048)  # the synthetic training set's default size
@@ -61,14 +66,55 @@ PUBLISHED = [  # results folder, extra make_tables arguments, the tables it hold
 ]
 
 
+def _copy_files(folder: Path, to: Path) -> None:
+    """What a results folder holds besides its records (its tables of the other protocol, figures of
+    other scripts, the page's hand-written parts): a rebuild in `to` starts from the same folder."""
+    for path in folder.iterdir():
+        if path.is_file():
+            shutil.copy(path, to / path.name)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("folder, arguments, tables", PUBLISHED,
                          ids=[" ".join([folder, *arguments]) for folder, arguments, _ in PUBLISHED])
-def test_published_tables_rebuild_from_the_committed_records(folder, arguments, tables, tmp_path):
+def test_published_tables_and_pages_rebuild_from_the_committed_records(folder, arguments, tables, tmp_path):
     results = RESULTS_DIR / folder
-    assert make_tables.main(["--runs-dir", str(results / "runs"), "--out", str(tmp_path), "--no-figures",
-                             *arguments]) == 0
+    _copy_files(results, tmp_path)
+    for name in [f"{table}.{ext}" for table in tables for ext in ("md", "tex", "csv")] + ["README.md"]:
+        (tmp_path / name).unlink()  # rebuilt, not copied
+    assert make_tables.main(["--runs-dir", str(results / "runs"), "--out", str(tmp_path), *arguments]) == 0
     for table in tables:
         pd.testing.assert_frame_equal(pd.read_csv(tmp_path / f"{table}.csv"), pd.read_csv(results / f"{table}.csv"))
         for name in (f"{table}.md", f"{table}.tex"):
             assert (tmp_path / name).read_text() == (results / name).read_text(), name
+    assert (tmp_path / "README.md").read_text() == (results / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_controls_page_rebuilds(tmp_path):
+    results = RESULTS_DIR / "controls"
+    _copy_files(results, tmp_path)
+    (tmp_path / "README.md").unlink()
+    assert controls.main(["--out", str(tmp_path)]) == 0
+    assert (tmp_path / "README.md").read_text() == (results / "README.md").read_text()
+
+
+STUDIES = ["camvid_cpu", "camvid_gpu", "camvid_cpu_controlled", "synthetic", "controls"]
+
+
+@pytest.mark.parametrize("folder", STUDIES)
+def test_every_study_has_a_page_whose_links_stay_in_the_repository(folder):
+    """A page, its hand-written parts, every link and image resolving inside the repository, and
+    nothing that points outside it or depends on where it was written."""
+    results = RESULTS_DIR / folder
+    assert {"README.md", "about.md", "reading.md"} <= {path.name for path in results.iterdir()}
+    page = (results / "README.md").read_text()
+    assert page.startswith("<!-- Written by ") and "## Reading" in page
+    for target in re.findall(r"\]\(([^)]+)\)", page):
+        assert not re.match(r"[a-z]+://", target), target
+        assert (results / target).resolve().is_relative_to(RESULTS_DIR.parent.resolve()), target
+        assert (results / target).exists(), target
+    for outside in ("../shared", "SWEEPS.md", "PAPER.md", str(RESULTS_DIR.parent)):
+        assert outside not in page, outside
+    pngs = sorted(path.name for path in results.glob("*.png"))
+    assert [name for name in pngs if f"]({name})" not in page] == []

@@ -31,7 +31,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     column depends on the attention weights and its own value column only. Every fused kernel
     also wants unit stride along the width: PAM's v comes from a convolution as B x N x C with
     stride N along C, so the heads are copied contiguous (without that copy SDPA silently takes
-    its math fallback, which builds Cv / Cq attention maps). README "Position attention kernels".
+    its math fallback, which builds Cv / Cq attention maps). docs/model.md, "Position attention kernels".
     """
     batch, positions, width = q.shape
     heads = v.shape[-1] // width
@@ -146,7 +146,7 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
 
 # The kernel behind impl="fused", per device type: the memory-saving one that measured best.
-# CPU: chunked (SDPA recomputes q k^T once per value slice: slower, more memory; README
+# CPU: chunked (SDPA recomputes q k^T once per value slice: slower, more memory; docs/benchmarks.md
 # "Benchmarks"). CUDA: chunked until the training benchmark (`python -m danet.bench train --device
 # cuda`) has measured sdpa (now on its fused kernels) and triton on a GPU; set it from that table.
 FUSED_IMPL = {"cpu": "chunked", "cuda": "chunked"}

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-# Tile sizes; to be tuned on a GPU (the README's benchmark).
+# Tile sizes; to be tuned on a GPU (docs/benchmarks.md).
 BLOCK_M = 64  # query rows per program
 BLOCK_N = 64  # key rows per loop step
 BLOCK_V = 128  # value columns per program (forward and dV)
