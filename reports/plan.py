@@ -2,6 +2,7 @@
 
     python reports/plan.py --runs-dir results/camvid_cpu/runs --effect 1.0
     python reports/plan.py --runs-dir DIR --cells PAM CAM PAM+CAM --budget-hours 10 --csv plan.csv
+    python reports/plan.py --audit --looks 6,9,12 --futility --alpha 0.0167 --sd 1.0 --effect 1.0 [--csv FILE]
 
 The comparisons are those of make_tables (reports/report.py): a grid's declared comparisons (records
 of a grid with `comparisons`) or each table1/table2 row against its baseline. For each, the pilot's
@@ -11,6 +12,11 @@ target effect and the exact sign-flip test can reach alpha/k at all (2^-n <= alp
 cell gets the same seeds, so that the comparisons stay paired; the cost is the records' measured
 minutes per run. With --budget-hours: the seeds per cell those hours of new runs buy, and the effect
 they detect.
+
+--audit checks a sequential seed plan instead (reports/sequential.py): its false-positive rate exactly,
+by enumerating every sign pattern of the differences (the worst case over several magnitude sets),
+and its power and expected seeds, with no effect and with --effect, from normal draws of sd --sd,
+beside the fixed design that runs every seed and tests once.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import pandas as pd
 from danet.config import UsageError
 from danet.paths import GRID_DIR
 from reports.report import layout_applies
+from reports.sequential import AUDIT_DRAWS, EFFICACY_RULES, Plan, PlanError, audit
 from reports.sources import NoRunsFound, read_run_store
 from reports.stats import MAX_SEEDS, POWER, minimum_detectable_effect, seeds_needed, smallest_p_value
 from reports.tables import (
@@ -156,21 +163,66 @@ def machine_of(runs: pd.DataFrame) -> str:
     return " / ".join(labels) or "machine not recorded"
 
 
+def _seed_counts(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(item) for item in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: seed counts such as 6,9,12") from None
+
+
+def audit_plan(args: argparse.Namespace, prog: str) -> int:
+    if not args.looks:
+        print(f"{prog}: --audit needs --looks", file=sys.stderr)
+        return 2
+    try:
+        plan_ = Plan(args.looks, args.futility, args.efficacy, args.alpha)
+    except PlanError as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return 2
+    rows = pd.DataFrame([vars(row) for row in audit(plan_, args.effect, args.sd)])
+    print(f"Plan: looks {list(plan_.looks)}, futility {'on' if plan_.futility else 'off'}, efficacy {plan_.efficacy} "
+          f"(levels {', '.join(f'{level:.4g}' for level in plan_.levels())}), one-sided exact sign-flip test")
+    print(f"type1: exact, all {2 ** plan_.looks[-1]:,} sign patterns, the worst of the magnitude sets tried; power and "
+          f"expected seeds: {AUDIT_DRAWS:,} normal draws each (sd {args.sd}, effect {args.effect}; Monte Carlo "
+          f"standard error at most {0.5 / math.sqrt(AUDIT_DRAWS):.4f})")
+    print(rows.to_string(index=False, float_format=lambda value: f"{value:.4f}"))
+    if args.csv:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        rows.to_csv(args.csv, index=False, float_format="%.6g")
+        print(f"wrote {args.csv}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reports/plan.py", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs-dir", type=Path, required=True, help="pilot records (a RunStore folder)")
+    parser.add_argument("--runs-dir", type=Path, help="pilot records (a RunStore folder); required without --audit")
     parser.add_argument("--effect", type=float, default=EFFECT, help="target effect in mIoU points (default 1.0)")
     parser.add_argument("--cells", nargs="+", metavar="CELL",
                         help="plan only the comparisons whose treatment is one of these cells (names as in the "
                              "tables, e.g. PAM PAM+CAM, or grid cell names; default: all)")
     parser.add_argument("--budget-hours", type=float, help="also: the effect that these hours of new runs can detect")
     parser.add_argument("--csv", type=Path, help="write the plan as csv too")
-    parser.add_argument("--alpha", type=float, default=ALPHA, help="family-wise level (default 0.05)")
+    parser.add_argument("--alpha", type=float, default=ALPHA,
+                        help="family-wise level (default 0.05); with --audit, the level of the one comparison's test "
+                             "(e.g. 0.0167: Holm's first step over 3)")
     parser.add_argument("--power", type=float, default=POWER, help="target power (default 0.8)")
     parser.add_argument("--metric", choices=["final_miou", "best_miou"], default="final_miou")
     parser.add_argument("--grids-dir", type=Path, default=GRID_DIR, help="where grid YAMLs live")
+    audit_flags = parser.add_argument_group("auditing a sequential plan")
+    audit_flags.add_argument("--audit", action="store_true", help="audit the plan given by the flags below")
+    audit_flags.add_argument("--looks", type=_seed_counts, help="seeds complete per cell at each look, e.g. 6,9,12")
+    audit_flags.add_argument("--futility", action="store_true",
+                             help="stop a comparison whose mean difference is <= 0 at an interim look")
+    audit_flags.add_argument("--efficacy", choices=EFFICACY_RULES, default="none",
+                             help="none: test at the last look only; spending: alpha split over the looks by the "
+                                  "seeds each adds (default: none)")
+    audit_flags.add_argument("--sd", type=float, default=1.0, help="sd of the paired differences (default 1.0)")
     args = parser.parse_args(argv)
+    if args.audit:
+        return audit_plan(args, parser.prog)
+    if args.runs_dir is None:
+        parser.error("--runs-dir is required (or --audit)")
     try:
         runs = read_run_store(args.runs_dir)
         cells, comparisons = pilot(runs, args.metric, args.grids_dir)
