@@ -10,7 +10,8 @@ design: `as-released` (each cell with the authors' own recipe) or `controlled` (
 recipe; only model switches and the seed differ, and `aux` is off unless a cell turns it on). A
 controlled grid whose question is a recipe field (say, training length) names it in `studies`.
 `comparisons` name the paired questions a grid answers (treatment and baseline named cells);
-`evaluations` are test protocols run on a cell's checkpoint after it trains (ablations/evaluate.py).
+`evaluations` are test protocols run on a cell's checkpoint after it trains (ablations/evaluate.py);
+`plan` is the sequential seed plan of the comparisons (danet.plans).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from danet.config import (
     section_from_dict,
     sectioned,
 )
+from danet.plans import Plan, PlanError, plan_from_grid
 
-GRID_KEYS = {"preset", "design", "blocks", "description", "comparisons", "evaluations", "studies"}
+GRID_KEYS = {"preset", "design", "blocks", "description", "comparisons", "evaluations", "studies", "plan"}
 EVALUATION_KEYS = {"of", "split", "checkpoint"}  # besides the EvalConfig protocol fields
 
 
@@ -57,6 +59,7 @@ class Grid:
     comparisons: list[dict[str, str]] = field(default_factory=list)  # {name, treatment, baseline}
     evaluations: list[Evaluation] = field(default_factory=list)
     path: Path | None = None  # the YAML file it was read from
+    plan: Plan | None = None  # the sequential seed plan of its comparisons (danet.plans)
 
     def varying(self) -> tuple[str, ...]:
         """The settings whose values differ between the grid's cells (sorted names)."""
@@ -150,8 +153,12 @@ def load_grid(name_or_path: str, grid_dir: Path) -> Grid:
                 not {comparison["treatment"], comparison["baseline"]} <= named_cells:
             raise UsageError(f"grid {path}: a comparison needs name, treatment and baseline, the latter two named "
                              f"cells of the grid ({sorted(named_cells)}); got {comparison}")
+    try:
+        plan = plan_from_grid(data["plan"], len(comparisons), f"grid {path}") if "plan" in data else None
+    except PlanError as error:
+        raise UsageError(str(error)) from None
     return Grid(path.stem, data["preset"], design, cells, comparisons,
-                _evaluations(path, data.get("evaluations") or [], named_cells), path)
+                _evaluations(path, data.get("evaluations") or [], named_cells), path, plan)
 
 
 def grid_cell(grid: Grid, cell_id: str) -> dict[str, Any]:

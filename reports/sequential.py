@@ -28,51 +28,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from danet.plans import EFFICACY_RULES, Plan, PlanError  # noqa: F401 (the plan's names, for plan.py)
 from reports.stats import sign_flip_p_values
 
-EFFICACY_RULES = ("none", "spending")
 AUDIT_DRAWS = 20_000  # normal draws per setting: Monte Carlo standard error of a rate at most 0.5 / sqrt(20000) < 0.004
 RANDOM_MAGNITUDE_SETS = 40
 TOLERANCE = 1e-12  # as sign_flip_p_values: a flipped mean equal to the observed one counts
-
-
-class PlanError(ValueError):
-    """A plan that cannot work as written (one line)."""
-
-
-@dataclass(frozen=True)
-class Plan:
-    looks: tuple[int, ...]
-    futility: bool = True
-    efficacy: str = "none"
-    alpha: float = 0.05  # the level of one comparison's test (a grid: Holm's level for that row)
-    margin: float = 1.0  # equivalence margin, mIoU points
-
-    def __post_init__(self) -> None:
-        looks = self.looks
-        if not looks or any(n < 1 for n in looks) or list(looks) != sorted(set(looks)):
-            raise PlanError(f"looks {list(looks)}: seed counts, increasing, at least 1")
-        if self.efficacy not in EFFICACY_RULES:
-            raise PlanError(f"efficacy {self.efficacy!r}: one of {', '.join(EFFICACY_RULES)}")
-        if not 0 < self.alpha < 1:
-            raise PlanError(f"alpha {self.alpha}: between 0 and 1")
-        for n, level in zip(looks, self.levels()):
-            if level and level < 2.0 ** -n:
-                smallest = next(m for m in range(1, 64) if 2.0 ** -m <= level)
-                raise PlanError(f"look at {n} seeds: its efficacy level {level:.4g} is below 2^-{n} = {2.0 ** -n:.4g}, "
-                                f"the smallest p the exact test reaches with {n} seeds; a look meant for efficacy at "
-                                f"this level needs at least {smallest} seeds")
-
-    def levels(self) -> tuple[float, ...]:
-        """The efficacy level of each look (0: no efficacy test there)."""
-        if self.efficacy == "none":
-            return (0.0,) * (len(self.looks) - 1) + (self.alpha,)
-        total, previous = self.looks[-1], 0
-        spent = []
-        for n in self.looks:
-            spent.append(self.alpha * (n - previous) / total)
-            previous = n
-        return tuple(spent)
 
 
 def decide(plan: Plan, differences: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -73,7 +73,8 @@ def test_the_audit_reproduces_the_known_numbers_of_a_futility_plan(tmp_path, cap
     assert list(next(iter(rows.values()))) == ["design", "type1", "power", "expected_seeds_null",
                                                "expected_seeds_effect"]
     fixed, sequential = rows["fixed"], rows["sequential"]
-    assert float(fixed["type1"]) == pytest.approx(68 / 4096, rel=1e-5) and float(sequential["type1"]) <= float(fixed["type1"])
+    assert float(fixed["type1"]) == pytest.approx(68 / 4096, rel=1e-5)
+    assert float(sequential["type1"]) <= float(fixed["type1"])
     assert float(fixed["power"]) == pytest.approx(0.83, abs=0.015)
     assert float(fixed["power"]) - float(sequential["power"]) < 0.01
     assert float(sequential["expected_seeds_null"]) == pytest.approx(8.71, abs=0.1)
@@ -91,3 +92,42 @@ def test_audit_rows_come_from_the_same_decision_rule():
     fixed, sequential = audit(plan, effect=1.0, sd=1.0, draws=2000)
     assert (fixed.design, sequential.design) == ("fixed", "sequential")
     assert fixed.expected_seeds_null == 8 and 4 <= sequential.expected_seeds_null < 8
+
+
+def _grid_with_plan(tmp_path, plan):
+    from tests.conftest import write_grid
+
+    comparisons = [{"name": "pam vs fcn", "treatment": "pam", "baseline": "fcn"},
+                   {"name": "cam vs fcn", "treatment": "cam", "baseline": "fcn"}]
+    return write_grid(tmp_path / "planned.yaml", {"fcn": {"pam": False, "cam": False}, "pam": {"pam": True, "cam": False},
+                                                  "cam": {"pam": False, "cam": True}}, seeds=(0, 1),
+                      comparisons=comparisons, **({"plan": plan} if plan else {}))
+
+
+def test_a_grid_carries_its_plan_and_its_cells_keep_their_identity(tmp_path):
+    from danet.grids import load_grid
+
+    planned = load_grid(str(_grid_with_plan(tmp_path, {"looks": [6, 9, 12], "futility": True, "margin": 1.0})), tmp_path)
+    assert planned.plan == Plan((6, 9, 12), futility=True, efficacy="none", alpha=0.05, margin=1.0)
+    assert planned.plan.for_rows(len(planned.comparisons)).levels() == (0.0, 0.0, 0.025)
+    (tmp_path / "plain").mkdir()
+    plain = load_grid(str(_grid_with_plan(tmp_path / "plain", None)), tmp_path)
+    assert plain.plan is None and plain.cells == planned.cells
+
+
+@pytest.mark.parametrize("plan, message", [
+    ({"looks": [6, 9, 12], "efficacy": "spending"}, "look at 6 seeds: its efficacy level 0.0125 .* over 2 comparisons"),
+    ({"looks": [6, 12], "stop_early": True}, "plan needs looks and may have looks, futility, efficacy, margin, alpha"),
+    ({"futility": True}, "plan needs looks"),
+    ({"looks": [4]}, "look at 4 seeds: .* needs at least 6 seeds \\(alpha 0.05 over 2 comparisons\\)"),
+])
+def test_a_grid_whose_plan_cannot_work_is_one_line_and_exit_2(tmp_path, plan, message, capsys):
+    from danet.config import UsageError
+    from danet.grids import load_grid
+    from tests.conftest import run_cli
+
+    grid = _grid_with_plan(tmp_path, plan)
+    with pytest.raises(UsageError, match=message):
+        load_grid(str(grid), tmp_path)
+    assert run_cli(["--grid", str(grid), "--cell", "pam_seed=0", "--print-config"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
