@@ -32,5 +32,5 @@ def test_the_report_benchmark_times_the_whole_report_of_generated_records():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert re.search(r"make_tables on 16 records \(tables \+ figures\): \d+\.\d s, exit 0", result.stdout), result.stdout
-    # table1 .md/.tex/.csv, runs.csv, not_complete.csv and 4 figures as .png and .pdf
-    assert "16 runs from" in result.stderr and "wrote 13 files" in result.stderr
+    # table1 .md/.tex/.csv, runs.csv, not_complete.csv, 4 figures as .png and .pdf, and the folder's page README.md
+    assert "16 runs from" in result.stderr and "wrote 14 files" in result.stderr
