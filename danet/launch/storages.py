@@ -58,9 +58,11 @@ def open_storage(text: str, heartbeat: int | None = None,
     for attempt in range(SCHEMA_ATTEMPTS - 1):
         try:
             return optuna.storages.RDBStorage(text, **options)
-        except sqlalchemy.exc.IntegrityError:
-            # workers that start together on a fresh database race to create Optuna's tables;
-            # the losers fail on a duplicate key and find the tables there a moment later
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as error:
+            # workers that start together on a fresh database race to create Optuna's tables; the losers fail
+            # on a duplicate key or, on PostgreSQL, a duplicate table, and find the tables there a moment later
+            if isinstance(error, sqlalchemy.exc.ProgrammingError) and "already exists" not in str(error):
+                raise
             time.sleep(1.0 + attempt)
     return optuna.storages.RDBStorage(text, **options)
 
