@@ -30,8 +30,9 @@ import pandas as pd
 
 from danet.config import UsageError
 from danet.paths import GRID_DIR
+from danet.plans import EFFICACY_RULES, Plan, PlanError
 from reports.report import layout_applies
-from reports.sequential import AUDIT_DRAWS, EFFICACY_RULES, Plan, PlanError, audit
+from reports.sequential import AUDIT_DRAWS, audit
 from reports.sources import NoRunsFound, read_run_store
 from reports.stats import MAX_SEEDS, POWER, minimum_detectable_effect, seeds_needed, smallest_p_value
 from reports.tables import (

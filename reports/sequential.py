@@ -25,10 +25,11 @@ Power and expected seeds come from normal draws.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
-from danet.plans import EFFICACY_RULES, Plan, PlanError  # noqa: F401 (the plan's names, for plan.py)
+from danet.plans import Plan
 from reports.stats import sign_flip_p_values
 
 AUDIT_DRAWS = 20_000  # normal draws per setting: Monte Carlo standard error of a rate at most 0.5 / sqrt(20000) < 0.004
@@ -36,9 +37,10 @@ RANDOM_MAGNITUDE_SETS = 40
 TOLERANCE = 1e-12  # as sign_flip_p_values: a flipped mean equal to the observed one counts
 
 
-def decide(plan: Plan, differences: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def decide(plan: Plan, differences: np.ndarray,
+           p_values: Callable[[np.ndarray], np.ndarray] = sign_flip_p_values) -> tuple[np.ndarray, np.ndarray]:
     """For each row of a (draws, N) array of differences (N = the last look): whether the plan rejects
-    (better), and the number of seeds it used."""
+    (better), and the number of seeds it used. `p_values` gives the exact sign-flip p of each row."""
     differences = np.atleast_2d(differences)
     draws = differences.shape[0]
     rejected = np.zeros(draws, dtype=bool)
@@ -51,7 +53,7 @@ def decide(plan: Plan, differences: np.ndarray) -> tuple[np.ndarray, np.ndarray]
         last = index == len(plan.looks) - 1
         better = np.zeros(draws, dtype=bool)
         if level:
-            better[live] = sign_flip_p_values(differences[live, :n]) <= level + TOLERANCE
+            better[live] = p_values(differences[live, :n]) <= level + TOLERANCE
         futile = live & ~better & (differences[:, :n].mean(axis=1) <= 0) if plan.futility and not last else \
             np.zeros(draws, dtype=bool)
         ends = live & (better | futile | last)
@@ -61,34 +63,25 @@ def decide(plan: Plan, differences: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return rejected, seeds
 
 
-def _prefix_p_values(magnitudes: np.ndarray, n: int, tolerance: float) -> np.ndarray:
-    """The exact one-sided p of every sign pattern of the first n magnitudes (patterns in
-    itertools.product((1, -1), repeat=n) order): the share of patterns whose sum is at least its own."""
-    signs = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n - 1, -1, -1)) & 1)
-    sums = signs @ magnitudes[:n]
-    ordered = np.sort(sums)
-    return (len(sums) - np.searchsorted(ordered, sums - tolerance, side="left")) / len(sums)
+def sign_patterns(n: int) -> np.ndarray:
+    """All 2^n patterns of n signs, (2^n, n), in itertools.product((1, -1), repeat=n) order."""
+    return 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n - 1, -1, -1)) & 1)
+
+
+def shared_magnitude_p_values(differences: np.ndarray) -> np.ndarray:
+    """sign_flip_p_values for rows that differ only in their signs: one sorted table of the 2^n flipped sums
+    serves every row (what makes enumerating all patterns of up to about 20 seeds cheap)."""
+    n = differences.shape[1]
+    flipped = np.sort(sign_patterns(n) @ np.abs(differences[0]))
+    sums = differences.sum(axis=1)
+    return (len(flipped) - np.searchsorted(flipped, sums - n * TOLERANCE, side="left")) / len(flipped)
 
 
 def exact_type1(plan: Plan, magnitudes: np.ndarray) -> float:
     """The plan's false-positive rate when |d_i| = magnitudes and every sign pattern is equally likely."""
     total = plan.looks[-1]
-    magnitudes = np.asarray(magnitudes, dtype=float)[:total]
-    index = np.arange(2 ** total)
-    rejected = np.zeros(len(index), dtype=bool)
-    stopped = np.zeros(len(index), dtype=bool)
-    bits = (index[:, None] >> np.arange(total - 1, -1, -1)) & 1
-    signed = (1 - 2 * bits) * magnitudes
-    for position, (n, level) in enumerate(zip(plan.looks, plan.levels())):
-        last = position == len(plan.looks) - 1
-        prefix = index >> (total - n)  # the pattern of the first n signs
-        better = np.zeros(len(index), dtype=bool)
-        if level:
-            better = (_prefix_p_values(magnitudes, n, n * TOLERANCE)[prefix] <= level + TOLERANCE) & ~stopped
-        futile = ~stopped & ~better & (signed[:, :n].sum(axis=1) <= 0) if plan.futility and not last else \
-            np.zeros(len(index), dtype=bool)
-        rejected |= better
-        stopped |= better | futile
+    signed = sign_patterns(total) * np.asarray(magnitudes, dtype=float)[:total]
+    rejected, _ = decide(plan, signed, shared_magnitude_p_values)
     return float(rejected.mean())
 
 

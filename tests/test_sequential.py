@@ -5,7 +5,8 @@ import csv
 import numpy as np
 import pytest
 
-from reports.sequential import Plan, PlanError, audit, decide, exact_type1, magnitude_sets
+from danet.plans import Plan, PlanError
+from reports.sequential import audit, decide, exact_type1, magnitude_sets
 from tests.conftest import load_script
 
 plan_script = load_script("reports/plan.py")
