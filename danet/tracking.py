@@ -66,13 +66,19 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def find_complete(runs_dir: str | Path, cell_hash: str) -> Path | None:
-    """A run folder under runs_dir whose complete record has this cell hash, whatever its name."""
+def complete_runs(runs_dir: str | Path) -> dict[str, Path]:
+    """The run folder of each cell hash that has a complete record under runs_dir (the first by name)."""
+    found: dict[str, Path] = {}
     for summary_path in sorted(Path(runs_dir).glob("*/summary.json")):
         summary = read_summary(summary_path.parent)
-        if summary and summary.get("status") == STATUS_COMPLETE and summary.get("cell_hash") == cell_hash:
-            return summary_path.parent
-    return None
+        if summary and summary.get("status") == STATUS_COMPLETE and summary.get("cell_hash"):
+            found.setdefault(summary["cell_hash"], summary_path.parent)
+    return found
+
+
+def find_complete(runs_dir: str | Path, cell_hash: str) -> Path | None:
+    """A run folder under runs_dir whose complete record has this cell hash, whatever its name."""
+    return complete_runs(runs_dir).get(cell_hash)
 
 
 class RunLock:

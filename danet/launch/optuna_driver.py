@@ -8,7 +8,6 @@ Storages: `danet.launch.storages`. Importing this module loads no torch: a trial
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
@@ -36,6 +35,7 @@ from danet.launch.trials import (
     WorkerLock,
     drive,
     plain_study,
+    point_key,
     report_grid,
 )
 from danet.paths import RUN_SCRIPT
@@ -172,8 +172,8 @@ def study_summary(study: optuna.Study) -> tuple[str, int]:
     trial (a retried trial that completed does not count)."""
     trials = study.get_trials(deepcopy=False)
     states = Counter(trial.state for trial in trials)
-    done = {json.dumps(trial.params, sort_keys=True) for trial in trials if trial.state == TrialState.COMPLETE}
-    failed = {json.dumps(trial.params, sort_keys=True) for trial in trials if trial.state == TrialState.FAIL} - done
+    done = {point_key(trial.params) for trial in trials if trial.state == TrialState.COMPLETE}
+    failed = {point_key(trial.params) for trial in trials if trial.state == TrialState.FAIL} - done
     line = (f"study {study.study_name}: {states[TrialState.COMPLETE]} complete, {len(failed)} failed, "
             f"{states[TrialState.PRUNED]} pruned, {states[TrialState.RUNNING]} running")
     if states[TrialState.COMPLETE]:

@@ -20,6 +20,7 @@ A driver finishes a grid only when every cell has a complete or given-up record 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -40,6 +41,7 @@ from danet.tracking import (
     STATUS_PRUNED,
     RunLock,
     RunStore,
+    complete_runs,
     find_complete,
     read_summary,
     run_lock,
@@ -65,6 +67,11 @@ class RunEnd:
 
 
 BUSY, MISSING, REUSED = "busy", "missing", "reused"  # REUSED: a complete record appeared before the run began
+
+
+def point_key(params: dict[str, Any]) -> str:
+    """A grid point (a trial's parameters, or a sweep's values) as one comparable string."""
+    return json.dumps(params, sort_keys=True, default=str)
 
 
 def frozen(study: optuna.Study, number: int) -> FrozenTrial:
@@ -248,10 +255,11 @@ def grid_standing(targets: dict[str, RunTarget], plain: optuna.Study,
     (a waiting trial, a running trial of a live worker, a held run lock) or missing."""
     running = {key_of(trial) for trial in plain.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
                if trial.state == TrialState.WAITING or worker_alive(trial)}
+    complete = {runs_dir: complete_runs(runs_dir) for runs_dir in {target.runs_dir for target in targets.values()}}
     standing = GridStanding()
     for cell, target in targets.items():
         summary = read_summary(target.run_dir) or {}
-        if find_complete(target.runs_dir, target.cell_hash) is not None:
+        if target.cell_hash in complete[target.runs_dir]:
             standing.complete.append(cell)
         elif summary.get("status") == STATUS_FAILED and str(summary.get("reason", "")).startswith(GIVEN_UP):
             standing.given_up.append(cell)
@@ -281,8 +289,8 @@ class ProgressLine:
         states = Counter(t.state.name.lower() for t in trials)
         complete = trial.state == TrialState.COMPLETE  # a pruned trial's value is its last report: show why instead
         ended = f"{self.metric} {trial.value:.4f}" if complete else trial.user_attrs.get("reason", "")
-        if self.cells is not None:
-            done = {t.params.get("cell") for t in trials if t.state == TrialState.COMPLETE}
+        if self.cells is not None:  # a cell is a grid point: its parameters (the Optuna driver's: cell)
+            done = {point_key(t.params) for t in trials if t.state == TrialState.COMPLETE}
             standing = f"{len(done)}/{self.cells} cells complete"
         else:
             standing = f"{states['complete']} complete, {states['pruned']} pruned"

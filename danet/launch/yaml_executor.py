@@ -48,6 +48,7 @@ from danet.launch.trials import (
     drive,
     frozen,
     plain_study,
+    point_key,
     report_grid,
     requeue,
     run_lock_held,
@@ -179,10 +180,6 @@ class SweepTrial(CellTrial):
             process.wait()
             requeue(self.plain, frozen(self.plain, trial.number), resumes_trial=trial.number)
             raise
-
-
-def point_key(values: dict) -> str:
-    return json.dumps(values, sort_keys=True, default=str)
 
 
 def run_executor(sweep: Sweep, storage: optuna.storages.BaseStorage, study_name: str, count: int | None,
