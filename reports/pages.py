@@ -30,11 +30,11 @@ import pandas as pd
 from reports.sources import MACHINE_NOT_RECORDED
 from reports.tables import (
     DESIGN_NOT_RECORDED,
-    _plain,
-    _recorded,
     find_grid,
     loss_names,
     model_description,
+    plain_setting,
+    recorded_values,
     setting_columns,
     without_design,
 )
@@ -172,7 +172,7 @@ def write_page(out: Path, header: str, writer: str, title: str) -> Path | None:
 
 
 def _values(runs: pd.DataFrame, name: str) -> list[str]:
-    return sorted({_plain(value) for value in runs[name]}) if name in runs else []
+    return sorted({plain_setting(value) for value in runs[name]}) if name in runs else []
 
 
 def _settings_line(runs: pd.DataFrame, names: tuple[str, ...], varying: set[str]) -> str:
@@ -244,13 +244,13 @@ def _cell_names(runs: pd.DataFrame, grids_dir: Path) -> tuple[pd.Series, list[st
     grid_cells = runs.get("grid_cell", pd.Series("", index=runs.index)).fillna("").astype(str)
     if (grid_cells != "").all():
         order = []
-        for name in _recorded(runs["grid"]):
+        for name in recorded_values(runs["grid"]):
             grid = find_grid(grids_dir, name)
             order += [cell for cell in (grid.named_cells() if grid else {}) if cell in set(grid_cells)]
         return grid_cells, order + sorted(set(grid_cells) - set(order)), True
     varying = [name for name in _differing(runs) if name not in MODEL]
-    modal = {name: runs[name].map(_plain).mode().iloc[0] for name in varying}
-    keys = [(model_description(row), tuple(_plain(row[name]) for name in varying)) for _, row in runs.iterrows()]
+    modal = {name: runs[name].map(plain_setting).mode().iloc[0] for name in varying}
+    keys = [(model_description(row), tuple(plain_setting(row[name]) for name in varying)) for _, row in runs.iterrows()]
     names = pd.Series([model + "".join(f", {name} {value}" for name, value in zip(varying, values)
                                        if value != modal[name]) for model, values in keys], index=runs.index)
     first = {key: runs.iloc[position] for position, key in reversed(list(enumerate(keys)))}
@@ -258,7 +258,8 @@ def _cell_names(runs: pd.DataFrame, grids_dir: Path) -> tuple[pd.Series, list[st
     def order(key: tuple) -> tuple:
         model, values = key
         row = first[key]
-        return (sum(_plain(row.get(name)) == "True" for name in ("pam", "cam")), _plain(row.get("pam")) != "True",
+        return (sum(plain_setting(row.get(name)) == "True" for name in ("pam", "cam")),
+                plain_setting(row.get("pam")) != "True",
                 "deep supervision" in model, row.get("head") != "fcn",
                 sum(value != modal[name] for name, value in zip(varying, values)), values)
 
@@ -269,7 +270,7 @@ def _cell_names(runs: pd.DataFrame, grids_dir: Path) -> tuple[pd.Series, list[st
 def _differing(runs: pd.DataFrame) -> list[str]:
     """The settings (iterations among them) whose values differ between runs, the seed aside."""
     columns = [name for name in setting_columns(runs) if name != "seed"] + (["iterations"] if "iterations" in runs else [])
-    return [name for name in columns if runs[name].map(_plain).nunique() > 1]
+    return [name for name in columns if runs[name].map(plain_setting).nunique() > 1]
 
 
 def _cells_table(runs: pd.DataFrame, grids_dir: Path) -> str:
@@ -287,7 +288,7 @@ def _cells_table(runs: pd.DataFrame, grids_dir: Path) -> str:
         seeds = sorted({int(seed) for seed in cell["seed"].dropna()}) if "seed" in cell else []
         rows.append(([f"`{name}`"] if from_grid else []) + [
             model_description(first), f"{len(losses)}: {', '.join(losses)}"] + (
-            [", ".join(f"`{other}` {_plain(first[other])}" for other in others)] if others else []) + [
+            [", ".join(f"`{other}` {plain_setting(first[other])}" for other in others)] if others else []) + [
             _seeds(seeds), f"{len(cell)}" + (f" ({complete} complete)" if complete != len(cell) else ""),
             ", ".join(folders)])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -295,8 +296,8 @@ def _cells_table(runs: pd.DataFrame, grids_dir: Path) -> str:
 
 
 def _grid_line(runs: pd.DataFrame, grids_dir: Path) -> str:
-    grids = _recorded(runs["grid"]) if "grid" in runs else []
-    designs = _recorded(runs["design"]) if "design" in runs else []
+    grids = recorded_values(runs["grid"]) if "grid" in runs else []
+    designs = recorded_values(runs["design"]) if "design" in runs else []
     if not grids:
         undeclared = [design for design in designs if design == DESIGN_NOT_RECORDED] or [DESIGN_NOT_RECORDED]
         return (f"**Grid and design**: {undeclared[0]} in these records (made before a record named its grid and "
@@ -344,7 +345,7 @@ def records_header(runs: pd.DataFrame, evaluations: pd.DataFrame, where: str, gr
 
 
 def default_title(runs: pd.DataFrame) -> str:
-    grids = _recorded(runs["grid"]) if "grid" in runs else []
-    studies = _recorded(runs["study"]) if "study" in runs else []
+    grids = recorded_values(runs["grid"]) if "grid" in runs else []
+    studies = recorded_values(runs["study"]) if "study" in runs else []
     return (f"Results of grid {', '.join(grids)}" if grids else f"Results of Optuna study {', '.join(studies)}"
             if studies else "Results")

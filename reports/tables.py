@@ -530,14 +530,14 @@ def _on(value: Any) -> bool:
     return isinstance(value, (bool, np.bool_)) and bool(value)
 
 
-def _plain(value: Any) -> str:
+def plain_setting(value: Any) -> str:
     """A setting as a reader types it: 0.02, 300, (1.0,) -> 1.0, 0.75 1.0 1.25."""
     if isinstance(value, (tuple, list)):
-        return " ".join(_plain(item) for item in value)
+        return " ".join(plain_setting(item) for item in value)
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _recorded(values: pd.Series) -> list[str]:
+def recorded_values(values: pd.Series) -> list[str]:
     return sorted({str(value) for value in values if value is not None and not pd.isna(value) and str(value)})
 
 
@@ -556,7 +556,7 @@ def without_design(runs: pd.DataFrame) -> str:
     one recipe for every run, the loss terms of each model (one recipe and loss terms that differ
     between models: the branch-loss design, where a delta is a module and its branch losses), and
     where the records came from (the Optuna study they name, or runs launched one at a time)."""
-    recipe = {name: runs[name].dropna().map(_plain) for name in ("lr", "iterations") if name in runs}
+    recipe = {name: runs[name].dropna().map(plain_setting) for name in ("lr", "iterations") if name in runs}
     recipe = {name: values for name, values in recipe.items() if not values.empty}
     one_recipe = all(values.nunique() == 1 for values in recipe.values())
     settings = ", ".join(f"{name} {' or '.join(sorted(values.unique(), key=_number_first))}"
@@ -568,7 +568,7 @@ def without_design(runs: pd.DataFrame) -> str:
     text = (f"a {BRANCH_LOSS} design: " if one_recipe and len(set(losses.values())) > 1 else "") + \
         (f"one recipe in every run ({settings})" if one_recipe else f"recipes that differ between runs ({settings})")
     text += "; loss terms per run: " + ", ".join(f"{count} ({model})" for model, count in ordered)
-    studies = _recorded(runs["study"]) if "study" in runs else []
+    studies = recorded_values(runs["study"]) if "study" in runs else []
     return text + (f"; from Optuna study {', '.join(studies)}" if studies else
                    "; launched one run at a time, outside an Optuna study")
 
