@@ -1,6 +1,7 @@
 """ablations/evaluate.py: a checkpoint under another split or protocol, once, with the training code's metrics."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -168,7 +169,9 @@ def test_an_evaluation_is_logged_to_the_w_and_b_run_it_evaluates(tmp_path, monke
     wandb_id = summary_of(runs)["wandb_id"]
     assert evaluate_script.main([str(run_dir), "--eval-flip", "--wandb", "offline"]) == 0
     assert f"logged to W&B run {wandb_id}" in capsys.readouterr().out
-    offline = sorted((run_dir / "wandb").glob(f"offline-run-*-{wandb_id}"))
+    # wandb names a folder offline-run-DATE_TIME-ID and adds -1 when the resumption starts within the same second
+    offline = [path for path in (run_dir / "wandb").glob("offline-run-*")
+               if re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{wandb_id}(-\d+)?", path.name)]
     assert len(offline) == 2  # the training run and its resumption by the evaluation, one id
     without = tmp_path / "plain"
     assert run_cli(tiny_flags(without, "--iterations", "2", "--eval-every", "0")) == 0
