@@ -216,10 +216,17 @@ class TrainConfig:
                                          "workspace config): repeatable on the same GPU, slower; cannot make two "
                                          "CPU or GPU models agree", IN_CELL_UNLESS_DEFAULT)
     seed: int = setting(0, "seed of everything random (weights, data order, augmentation, dropout)")
+    seed_offset: int = setting(0, "added to the seed of every random draw: the same recipe and seed ids drawn again "
+                                  "(an A/A comparison pairs seed s with seed s + offset)", IN_CELL_UNLESS_DEFAULT)
     device: str = setting("auto", "auto (CUDA when available), cpu, cuda or cuda:N", NOT_IN_CELL)
     log_every: int = setting(10, "iterations between training log records", NOT_IN_CELL)
     eval_every: int = setting(200, "iterations between validations (0: only the final one)")
     checkpoint_every: int = setting(100, "iterations between checkpoints of the last state", NOT_IN_CELL)
+
+    @property
+    def drawn_seed(self) -> int:
+        """The seed every random draw uses."""
+        return self.seed + self.seed_offset
 
     def __post_init__(self) -> None:
         _require(self.iterations >= 1, f"iterations must be >= 1, got {self.iterations!r}")

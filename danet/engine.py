@@ -308,7 +308,7 @@ def set_up_training(cfg: RunConfig, model: DANet, context: distributed.Context) 
     """Device, DDP wrapper, mixed precision, SGD with the poly schedule, the loss."""
     train = cfg.train
     device = distributed.device_for(context, pick_device(train.device))
-    seed_everything(train.seed + context.rank)  # dropout differs per rank; the weights come from rank 0
+    seed_everything(train.drawn_seed + context.rank)  # dropout differs per rank; the weights come from rank 0
     memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
     network: torch.nn.Module = model
@@ -336,7 +336,7 @@ def restore(training: Training, checkpoint: dict[str, Any]) -> None:
     _set_rng_state(checkpoint["rng"])  # rank 0's state, saved by rank 0
     rank = training.context.rank
     if rank:  # the other ranks draw their own dropout masks again
-        torch.manual_seed(training.cfg.train.seed + rank + 7919 * training.iteration)
+        torch.manual_seed(training.cfg.train.drawn_seed + rank + 7919 * training.iteration)
 
 
 def save_training(training: Training, path: Path) -> None:
@@ -419,7 +419,7 @@ def agree_to_stop(on_eval: Callable[[int, float], None] | None, iteration: int, 
 
 def data_loaders(cfg: RunConfig, data: DataBundle, training: Training) -> tuple[DataLoader, DataLoader]:
     """Training batches from the current iteration on (resumable), and this rank's share of val."""
-    context, seed = training.context, cfg.train.seed
+    context, seed = training.context, cfg.train.drawn_seed
     sampler = SeededBatchSampler(len(data.train), cfg.data.batch_size, seed, training.iteration,
                                  cfg.train.iterations, context.rank, context.world_size)
     options = {"num_workers": cfg.data.workers, "pin_memory": training.device.type == "cuda",

@@ -77,6 +77,13 @@ class Grid:
             named.setdefault(settings["grid_cell"], {}).update(switches)
         return named
 
+    def seeds_in_order(self) -> dict[str, list[tuple[int, str]]]:
+        """Each named cell's (seed, cell id), seeds in increasing order: the order a plan counts them in."""
+        order: dict[str, list[tuple[int, str]]] = {}
+        for cell_id, settings in self.cells.items():
+            order.setdefault(settings["grid_cell"], []).append((int(settings.get("seed", 0)), cell_id))
+        return {name: sorted(cells) for name, cells in order.items()}
+
     def switches(self) -> set[str]:
         """The fields the grid's named cells set: the switches under study (the seed is an axis)."""
         return {name for settings in self.named_cells().values() for name in settings}
@@ -157,8 +164,22 @@ def load_grid(name_or_path: str, grid_dir: Path) -> Grid:
         plan = plan_from_grid(data["plan"], len(comparisons), f"grid {path}") if "plan" in data else None
     except PlanError as error:
         raise UsageError(str(error)) from None
-    return Grid(path.stem, data["preset"], design, cells, comparisons,
+    grid = Grid(path.stem, data["preset"], design, cells, comparisons,
                 _evaluations(path, data.get("evaluations") or [], named_cells), path, plan)
+    if plan is not None:
+        _check_plan_seeds(grid)
+    return grid
+
+
+def _check_plan_seeds(grid: Grid) -> None:
+    """A planned grid gives every compared cell the same seeds, as many as the plan's last look."""
+    order = grid.seeds_in_order()
+    compared = [name for name in order if any(name in (c["treatment"], c["baseline"]) for c in grid.comparisons)]
+    seeds = {name: [seed for seed, _ in order[name]] for name in compared}
+    for name in compared:
+        if len(seeds[name]) != grid.plan.looks[-1] or seeds[name] != seeds[compared[0]]:
+            raise UsageError(f"grid {grid.path}: plan: cell {name} has seeds {seeds[name]}; a planned grid gives each "
+                             f"compared cell the same {grid.plan.looks[-1]} seeds (its last look)")
 
 
 def grid_cell(grid: Grid, cell_id: str) -> dict[str, Any]:

@@ -17,6 +17,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from danet.exact_tests import sign_flip_p_values
+
+TOLERANCE = 1e-12  # as the exact test: a p equal to the boundary rejects
+
 EFFICACY_RULES = ("none", "spending")
 PLAN_KEYS = ("looks", "futility", "efficacy", "margin", "alpha")
 
@@ -82,3 +88,74 @@ def plan_from_grid(entry: Any, comparisons: int, where: str) -> Plan:
     except PlanError as error:
         raise PlanError(f"{where}: plan: {error} (alpha {alpha} over {comparisons} comparisons)") from None
     return dataclasses.replace(row, alpha=alpha)
+
+
+# What a look decides for one comparison. CONTINUE: more seeds; the others stop it.
+CONTINUE, FUTILE, BETTER, WORSE, EQUIVALENT, INCONCLUSIVE = (
+    "continue", "futile", "better", "worse", "equivalent", "inconclusive")
+
+
+@dataclass(frozen=True)
+class LookDecision:
+    """One comparison at one look: its decision, the paired differences' mean, the exact one-sided
+    p-values and the boundary (level) the tests used (0: no test at this look, futility only)."""
+
+    decision: str
+    n: int
+    delta: float
+    p_better: float  # H0: Δ <= 0
+    p_worse: float  # H0: Δ >= 0
+    p_equivalent: float  # two one-sided tests, H0: |Δ| >= margin (the larger of their p-values)
+    level: float
+
+
+def row_p_values(differences: np.ndarray, margin: float) -> tuple[float, float, float]:
+    """(better, worse, equivalent) one-sided exact sign-flip p-values of one comparison's differences.
+    Equivalence is two one-sided tests (Schuirmann 1987): the differences shifted by +margin tested
+    for mean > 0 and by -margin for mean < 0; the larger p."""
+    d = np.asarray(differences, dtype=float)
+    p_better, p_worse, p_above, p_below = sign_flip_p_values(np.stack([d, -d, d + margin, margin - d]))
+    return float(p_better), float(p_worse), float(max(p_above, p_below))
+
+
+def decide_look(plan: Plan, index: int, differences: dict[str, np.ndarray], rows: int) -> dict[str, LookDecision]:
+    """Look `index` of a grid's plan (family-wise `alpha` over `rows` comparisons) for the comparisons
+    still running (`differences`: each one's paired differences over the look's seeds, in seed order).
+
+    An interim look tests each row at its efficacy level split over the rows (Bonferroni, alpha_j / rows):
+    better, else worse, else equivalent; else with futility a mean at or below 0 stops it as futile.
+    The last look is Holm's step-down over all `rows` at the last level, the rows stopped earlier
+    counting as not rejected (they sort last); the rows it does not find better are tested for worse
+    and equivalence at the level where the step-down stopped, else they are inconclusive. The plan
+    spends alpha_1 + ... + alpha_K = alpha over the looks, so by the union bound it keeps its level."""
+    n, level = plan.looks[index], plan.levels()[index]
+    last = index == len(plan.looks) - 1
+    tested = {name: (d[:n], *row_p_values(d[:n], plan.margin)) for name, d in differences.items()}
+    decisions: dict[str, LookDecision] = {}
+    if not last:
+        row_level = level / rows
+        for name, (d, p_better, p_worse, p_equivalent) in tested.items():
+            decision = CONTINUE
+            if row_level and p_better <= row_level + TOLERANCE:
+                decision = BETTER
+            elif row_level and p_worse <= row_level + TOLERANCE:
+                decision = WORSE
+            elif row_level and p_equivalent <= row_level + TOLERANCE:
+                decision = EQUIVALENT
+            elif plan.futility and d.mean() <= 0:
+                decision = FUTILE
+            decisions[name] = LookDecision(decision, n, float(d.mean()), p_better, p_worse, p_equivalent, row_level)
+        return decisions
+    order = sorted(tested, key=lambda name: tested[name][1])
+    rejected = 0
+    for name in order:  # Holm's step-down: the i-th smallest p against level / (rows - i)
+        if tested[name][1] > level / (rows - rejected) + TOLERANCE:
+            break
+        rejected += 1
+    for rank, name in enumerate(order):
+        d, p_better, p_worse, p_equivalent = tested[name]
+        row_level = level / (rows - min(rank, rejected))
+        decision = BETTER if rank < rejected else WORSE if p_worse <= row_level + TOLERANCE else \
+            EQUIVALENT if p_equivalent <= row_level + TOLERANCE else INCONCLUSIVE
+        decisions[name] = LookDecision(decision, n, float(d.mean()), p_better, p_worse, p_equivalent, row_level)
+    return decisions

@@ -103,7 +103,7 @@ def prepare(cfg: RunConfig, context: distributed.Context = distributed.SINGLE) -
     if context.enabled and cfg.train.sync_bn and device.type != "cuda":
         raise UsageError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm); pass --no-sync-bn for torchrun on the CPU")
     use_deterministic_algorithms(cfg.train.deterministic)
-    seed_everything(cfg.train.seed)  # the initial weights depend on the seed only
+    seed_everything(cfg.train.drawn_seed)  # the initial weights depend on the seed only
     return Prepared(cfg, data, build(cfg.model), device)
 
 

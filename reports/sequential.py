@@ -29,12 +29,11 @@ from typing import Callable
 
 import numpy as np
 
-from danet.plans import Plan
+from danet.plans import TOLERANCE, Plan
 from reports.stats import sign_flip_p_values
 
 AUDIT_DRAWS = 20_000  # normal draws per setting: Monte Carlo standard error of a rate at most 0.5 / sqrt(20000) < 0.004
 RANDOM_MAGNITUDE_SETS = 40
-TOLERANCE = 1e-12  # as sign_flip_p_values: a flipped mean equal to the observed one counts
 
 
 def decide(plan: Plan, differences: np.ndarray,

@@ -1,10 +1,8 @@
 """Statistics for ablation tables with a handful of seeds per cell.
 
 Per cell the Student t-interval of the mean over seeds; per comparison the differences paired by
-seed, their exact one-sided sign-flip (paired permutation) test, what scipy.stats.permutation_test
-with permutation_type="samples" computes, and Holm's step-down adjustment over a table's rows
-(S. Holm, "A simple sequentially rejective multiple test procedure", Scandinavian Journal of
-Statistics 6(2), 1979); the probability of improvement P(A > B), the Mann-Whitney U statistic over
+seed, their exact one-sided sign-flip test and Holm's step-down adjustment over a table's rows
+(danet.exact_tests, which the launchers share); the probability of improvement P(A > B), the Mann-Whitney U statistic over
 n_A n_B (as in Agarwal et al., "Deep Reinforcement Learning at the Edge of the Statistical
 Precipice", NeurIPS 2021); and the power of the one-sided paired t-test from the noncentral t
 distribution (J. Cohen, "Statistical Power Analysis for the Behavioral Sciences", 2nd ed., 1988;
@@ -13,13 +11,14 @@ scipy.stats.nct), which gives the minimum detectable effect and the seeds needed
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import optimize
 from scipy import stats as scipy_stats
+
+from danet.exact_tests import holm, sign_flip_p_value, sign_flip_p_values, smallest_p_value  # noqa: F401 (re-exported)
 
 CONFIDENCE = 0.95
 
@@ -63,50 +62,6 @@ def paired_delta(treatment: dict[int, float], baseline: dict[int, float]) -> Pai
     seeds = sorted(set(treatment) & set(baseline))
     unpaired = sorted(set(treatment) ^ set(baseline))
     return PairedDelta(t_interval([treatment[s] - baseline[s] for s in seeds]), seeds, unpaired)
-
-
-EXACT_MAX_PAIRS = 16  # 2^16 sign patterns; beyond, a seeded Monte Carlo sample of them
-MONTE_CARLO_PATTERNS = 100_000
-
-
-def sign_flip_p_values(differences: np.ndarray) -> np.ndarray:
-    """One-sided permutation p-values of mean > 0 over sign flips, one per row of a (draws, n)
-    array of paired differences: exact over all 2^n patterns up to 16 pairs (every ablation
-    table), a seeded Monte Carlo sample of patterns beyond."""
-    differences = np.atleast_2d(np.asarray(differences, dtype=float))
-    n = differences.shape[1]
-    if n <= EXACT_MAX_PAIRS:
-        patterns = np.array(list(itertools.product((1.0, -1.0), repeat=n)))
-    else:
-        patterns = np.random.default_rng(0).choice((1.0, -1.0), size=(MONTE_CARLO_PATTERNS, n))
-        patterns[0] = 1.0  # the observed pattern counts, so p is never 0
-    rows = max(1, 2**22 // len(patterns))  # chunks of draws keep the (draws, patterns) means small
-    p_values = []
-    for chunk in np.split(differences, range(rows, len(differences), rows)):
-        means = chunk @ patterns.T / n
-        p_values.append(np.mean(means >= chunk.mean(axis=1, keepdims=True) - 1e-12, axis=1))
-    return np.concatenate(p_values)
-
-
-def sign_flip_p_value(differences: list[float] | np.ndarray) -> float:
-    """The one-sided sign-flip p-value of one set of paired differences."""
-    return float(sign_flip_p_values(np.asarray(differences, dtype=float)[None, :])[0])
-
-
-def smallest_p_value(n: int) -> float:
-    """The smallest one-sided p an exact sign-flip test can give with n pairs: 2^-n."""
-    return 2.0 ** -n
-
-
-def holm(p_values: list[float]) -> list[float]:
-    """Holm's step-down adjusted p-values (family-wise error across the rows of one table)."""
-    order = np.argsort(p_values)
-    adjusted = np.empty(len(p_values))
-    running = 0.0
-    for rank, index in enumerate(order):
-        running = max(running, (len(p_values) - rank) * p_values[index])
-        adjusted[index] = min(1.0, running)
-    return adjusted.tolist()
 
 
 def probability_of_improvement(treatment: list[float], baseline: list[float]) -> float:

@@ -30,6 +30,7 @@ from danet.launch.trials import (
     MISSING,
     REUSED,
     CellTrial,
+    PlanRounds,
     ProgressLine,
     RunEnd,
     WorkerLock,
@@ -156,8 +157,10 @@ def run_worker(grid: Grid | None, search: Search | None, storage: optuna.storage
     try:
         objective = StudyTrial(grid, search, run_flags, plain, worker, console, processes_per_trial)
         progress = ProgressLine(METRIC_NAME, plain, console, len(grid.cells) if grid else None)
+        rounds = PlanRounds(grid, runs_dir, {cell: cell for cell in grid.cells}, {"cell": list(grid.cells)}) \
+            if grid is not None and grid.plan is not None else None
         standing = drive(study, plain, objective, progress, console, callbacks=callbacks, catch=(Exception,),
-                         grid=targets, key_of=lambda trial: trial.params.get("cell"))
+                         grid=targets, key_of=lambda trial: trial.params.get("cell"), rounds=rounds)
     finally:
         worker.release()
     line, failed = study_summary(study)

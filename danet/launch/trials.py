@@ -34,7 +34,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
+from danet.grids import Grid
 from danet.launch.contract import RunTarget
+from danet.launch.ledger import advance
 from danet.tracking import (
     STATUS_FAILED,
     STATUS_PREEMPTED,
@@ -240,6 +242,7 @@ class GridStanding:
     """Where a grid's cells stand, from their records and the study's running trials."""
 
     complete: list[str] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)  # not run: the grid's plan stopped their cell
     given_up: list[str] = field(default_factory=list)
     in_progress: list[str] = field(default_factory=list)  # held by a live run or worker
     missing: list[str] = field(default_factory=list)
@@ -250,9 +253,10 @@ class GridStanding:
 
 
 def grid_standing(targets: dict[str, RunTarget], plain: optuna.Study,
-                  key_of: Callable[[FrozenTrial], str]) -> GridStanding:
-    """Each cell of a grid (`targets`, by the key `key_of` gives a trial): complete, given up, in progress
-    (a waiting trial, a running trial of a live worker, a held run lock) or missing."""
+                  key_of: Callable[[FrozenTrial], str], stopped: set[str] = frozenset()) -> GridStanding:
+    """Each cell of a grid (`targets`, by the key `key_of` gives a trial): complete, stopped by the plan (the
+    keys in `stopped`), given up, in progress (a waiting trial, a running trial of a live worker, a held run
+    lock) or missing."""
     running = {key_of(trial) for trial in plain.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
                if trial.state == TrialState.WAITING or worker_alive(trial)}
     complete = {runs_dir: complete_runs(runs_dir) for runs_dir in {target.runs_dir for target in targets.values()}}
@@ -261,6 +265,8 @@ def grid_standing(targets: dict[str, RunTarget], plain: optuna.Study,
         summary = read_summary(target.run_dir) or {}
         if target.cell_hash in complete[target.runs_dir]:
             standing.complete.append(cell)
+        elif cell in stopped:
+            standing.stopped.append(cell)
         elif summary.get("status") == STATUS_FAILED and str(summary.get("reason", "")).startswith(GIVEN_UP):
             standing.given_up.append(cell)
         elif cell in running or run_lock_held(target.run_dir):
@@ -309,15 +315,46 @@ class ProgressLine:
         reap_dead_workers(self.plain, self.console)
 
 
+@dataclass
+class PlanRounds:
+    """A planned grid's seeds in rounds (danet.launch.ledger): before each round the looks that are ready are
+    decided, and the study's GridSampler is narrowed to the round's cells."""
+
+    grid: Grid
+    runs_dir: Path
+    cell_of: dict[str, str]  # the driver's key of each grid point -> its cell id
+    space: dict[str, list]  # the driver's GridSampler space; its "cell" values are narrowed to each round
+
+    def next_round(self, targets: dict[str, RunTarget]) -> tuple[dict[str, RunTarget], set[str]]:
+        """The round's points (none: the plan is done) and the points the plan stopped."""
+        state = advance(self.grid, self.runs_dir, {self.cell_of[key]: t.cell_hash for key, t in targets.items()})
+        now, stopped = set(state.round_cells()), state.stopped_cell_ids()
+        return ({key: target for key, target in targets.items() if self.cell_of[key] in now},
+                {key for key in targets if self.cell_of[key] in stopped})
+
+    def sampler(self, points: dict[str, RunTarget]) -> optuna.samplers.GridSampler:
+        cells = {self.cell_of[key] for key in points}
+        return optuna.samplers.GridSampler({**self.space, "cell": [c for c in self.space["cell"] if c in cells]})
+
+
 def drive(study: optuna.Study, plain: optuna.Study, objective: CellTrial, progress: ProgressLine, console: Console, *,
           callbacks: Sequence[Callable] = (), n_trials: int | None = None, catch: tuple[type[Exception], ...] = (),
           grid: dict[str, RunTarget] | None = None, key_of: Callable[[FrozenTrial], str] | None = None,
-          ) -> GridStanding | None:
+          rounds: PlanRounds | None = None) -> GridStanding | None:
     """Run trials until the study is done. For a grid, done means every cell has a complete or given-up record:
     GridSampler stops when it has proposed every cell, while cells may still wait to be retried or be trained
-    by other workers, so this worker takes the waiting ones and waits for the rest. Returns the grid's standing."""
+    by other workers, so this worker takes the waiting ones and waits for the rest. With a plan (`rounds`), a
+    round is done the same way before its look is taken and the next round's cells are proposed; cells the
+    plan stopped count as finished. Returns the grid's standing."""
+    stopped: set[str] = set()
     while True:
         reap_dead_workers(plain, console)
+        points = grid
+        if rounds is not None:
+            points, stopped = rounds.next_round(grid)
+            if not points:
+                return grid_standing(grid, plain, key_of, stopped)
+            study.sampler = rounds.sampler(points)
         waiting = plain.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         exhausted = isinstance(study.sampler, optuna.samplers.GridSampler) and study.sampler.is_exhausted(study)
         if waiting or not exhausted:  # an exhausted GridSampler would propose a visited cell once more
@@ -325,20 +362,27 @@ def drive(study: optuna.Study, plain: optuna.Study, objective: CellTrial, progre
                            gc_after_trial=True)
         if grid is None:
             return None
-        standing = grid_standing(grid, plain, key_of)
-        if standing.finished or not standing.in_progress or n_trials is not None or objective.stop_requested \
-                or progress.stopped:
+        standing = grid_standing(points, plain, key_of)
+        interrupted = n_trials is not None or objective.stop_requested or progress.stopped
+        if rounds is not None and (interrupted or not (standing.finished or standing.in_progress)):
+            return grid_standing(grid, plain, key_of, stopped)
+        if rounds is not None and standing.finished:
+            continue  # the round is done: its look next
+        if standing.finished or not standing.in_progress or interrupted:
             return standing
         time.sleep(BUSY_POLL_SECONDS)
 
 
 def report_grid(standing: GridStanding, name: str, console: Console) -> int:
     """The grid's last line, and the driver's exit status: 0 when every cell is complete."""
-    cells = len(standing.complete) + len(standing.given_up) + len(standing.in_progress) + len(standing.missing)
-    console.print(f"grid {name}: {len(standing.complete)}/{cells} cells complete", markup=False, soft_wrap=True)
+    cells = len(standing.complete) + len(standing.stopped) + len(standing.given_up) + len(standing.in_progress) + \
+        len(standing.missing)
+    stopped = f", {len(standing.stopped)} stopped by its plan (the ledger says why)" if standing.stopped else ""
+    console.print(f"grid {name}: {len(standing.complete)}/{cells} cells complete{stopped}", markup=False,
+                  soft_wrap=True)
     for label, listed in (("given up (record failed; ablations/run.py --resume continues it)", standing.given_up),
                           ("still running in another worker", standing.in_progress),
                           ("without a complete record", standing.missing)):
         if listed:
             console.print(f"  {label}: {', '.join(listed)}", markup=False, soft_wrap=True)
-    return 0 if len(standing.complete) == cells else 1
+    return 0 if len(standing.complete) + len(standing.stopped) == cells else 1
