@@ -104,6 +104,21 @@ class PlanState:
             cells += [cell_id for _, cell_id in seeds[(start if index is not None else 0):end]]
         return cells
 
+    def cell_seeds(self) -> dict[str, int]:
+        """The seeds each named cell has run under the plan so far: up to the look that stopped it, else up to
+        the last look taken (all of its seeds for a cell in no comparison, or once the plan is done)."""
+        looks, stopped = self.grid.plan.looks, self.stopped_cells()
+        done = self.next_look() is None
+        seeds = {}
+        for name, order in self.grid.seeds_in_order().items():
+            if name in stopped:
+                seeds[name] = stopped[name]
+            elif done or not self.comparisons_of(name):
+                seeds[name] = len(order)
+            else:
+                seeds[name] = looks[self.looks_taken - 1] if self.looks_taken else 0
+        return seeds
+
     def stopped_cell_ids(self) -> dict[str, str]:
         """Cell id -> why it will not run: the seeds of a stopped cell beyond the look that stopped it."""
         why = {}
@@ -202,6 +217,14 @@ def take_looks(grid: Grid, state: PlanState, records: dict[str, SeedRecord]) -> 
             state.decisions[name] = decided[name]
         state.looks_taken = index + 1
     return new
+
+
+def replay_plan(grid: Grid, records: dict[str, SeedRecord]) -> PlanState:
+    """The grid's plan run over finished records in seed order, as a driver would have run it; reads only
+    (no ledger is written). `records`: cell id -> its record."""
+    state = PlanState(grid)
+    take_looks(grid, state, records)
+    return state
 
 
 def records_of(cell_hashes: dict[str, str], runs_dir: Path) -> dict[str, SeedRecord]:
