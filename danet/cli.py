@@ -2,8 +2,9 @@
 what it prints. Its flags, and how they become a config, are the run contract (`danet.launch.contract`);
 the run itself is `danet.runner.run_cell`.
 
-Exit status: 0 done, 2 usage / config / data error, 1 failure during the run (recorded as failed), 3 stopped
-on request (SIGTERM, SIGUSR1) at a checkpoint. This module imports torch only once a run is asked for, so
+Exit status: 0 done (or not needed: the grid's sequential plan stopped the cell), 2 usage / config / data
+error, 1 failure during the run (recorded as failed) or a grid ledger that disagrees with its records, 3
+stopped on request (SIGTERM, SIGUSR1) at a checkpoint. This module imports torch only once a run is asked for, so
 `--help` answers at once.
 """
 
@@ -15,10 +16,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from danet.config import EXIT_OK, EXIT_USAGE, RunConfig, UsageError, dump_yaml
+from danet.config import EXIT_FAILED, EXIT_OK, EXIT_USAGE, RunConfig, UsageError, dump_yaml
 from danet.console import stderr_console
 from danet.grids import Evaluation, load_grid
-from danet.launch.contract import build_parser, config_from_args, preset_for_help
+from danet.launch.contract import build_parser, config_from_args, preset_for_help, stopped_by_plan
+from danet.launch.ledger import LedgerError
 from danet.paths import PRESET_DIR, REPORTS_SCRIPT
 
 
@@ -56,6 +58,18 @@ def main(argv: list[str] | None = None, preset_dir: Path | None = None) -> int:
         except UsageError as error:
             print(f"{prog}: error: {error}", file=sys.stderr)
             return EXIT_USAGE
+        return EXIT_OK
+
+    try:
+        stopped = stopped_by_plan(args, preset_dir, dict(os.environ))
+    except UsageError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except LedgerError as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    if stopped:
+        print(f"{args.cell}: not trained: {stopped}; --ignore-plan trains it anyway", file=sys.stderr)
         return EXIT_OK
 
     from danet import data as datasets  # torch and the models: only once a run is asked for

@@ -291,6 +291,8 @@ class TrackingConfig:
                         flag=False)
     grid_cell: str = setting("", "the grid's named cell, without its axes (e.g. pam-cam)", NOT_IN_CELL, flag=False)
     design: str = setting("", "the grid's design: controlled or as-released", NOT_IN_CELL, flag=False)
+    ignore_plan: bool = setting(False, "train a grid cell even when the grid's sequential plan has stopped it (its "
+                                       "config.yaml then says so)", NOT_IN_CELL)
 
     def __post_init__(self) -> None:
         _require_choice("wandb", self.wandb, WANDB_MODES)

@@ -24,6 +24,7 @@ import optuna
 from danet.config import UsageError
 from danet.console import stderr_console
 from danet.launch.contract import OneLineErrorParser
+from danet.launch.ledger import LedgerError
 from danet.launch.storages import open_study_storage
 from danet.launch.sweep_files import load_sweep
 from danet.launch.yaml_executor import run_executor
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
+    except LedgerError as error:  # the grid's plan and its records disagree: a person must look
+        print(f"{parser.prog}: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{parser.prog}: stopped; the run it had is proposed again and resumes", file=sys.stderr)
         return 130

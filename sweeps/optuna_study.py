@@ -26,6 +26,7 @@ import optuna
 from danet.config import UsageError
 from danet.console import stderr_console
 from danet.grids import load_grid
+from danet.launch.ledger import LedgerError
 from danet.launch.optuna_driver import run_worker
 from danet.launch.processes import run_together, visible_gpus
 from danet.launch.storages import open_study_storage
@@ -80,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
+    except LedgerError as error:  # the grid's plan and its records disagree: a person must look
+        print(f"{parser.prog}: {error}", file=sys.stderr)
+        return 1
 
 
 def own_flags_without_workers(flags: list[str]) -> list[str]:

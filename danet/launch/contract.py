@@ -25,6 +25,7 @@ from typing import Any, Sequence
 from danet.config import SECTIONS, RunConfig, UsageError, find_yaml, load_yaml, resolve_for_dataset, resolve_run_config
 from danet.data.catalog import CLASS_COUNTS, DataError, train_images
 from danet.grids import grid_cell, load_grid
+from danet.launch.ledger import advance
 from danet.paths import GRID_DIR, PRESET_DIR, RUN_SCRIPT
 
 DEFAULT_PRESET = "demo"
@@ -136,7 +137,8 @@ def build_parser(preset_name: str = DEFAULT_PRESET,
         description="Train and evaluate one DANet ablation cell. Settings come from the defaults, then the "
                     "preset (--config), then these flags. Boolean switches take --pam, --no-pam or --pam=true|false.",
         epilog="Records go to RUNS_DIR/<run-id>/: config.yaml, metrics.jsonl (curves), summary.json (status and "
-               "final numbers), checkpoints/. Exit status: 0 done, 2 usage/config/data error, 1 failed run, "
+               "final numbers), checkpoints/. Exit status: 0 done (or a grid cell its sequential plan stopped: nothing "
+               "trained), 2 usage/config/data error, 1 failed run, "
                "3 stopped on request (SIGTERM, SIGUSR1) at a checkpoint: --resume continues it.")
     parser.add_argument("--config", default=None, metavar="PRESET",
                         help="preset name from ablations/configs/ or a YAML file (default: demo, CPU + synthetic data)")
@@ -168,6 +170,24 @@ def config_from_args(args: argparse.Namespace, preset_dir: Path = PRESET_DIR,
         grid = load_grid(args.grid, preset_dir.parent / "grids")
         preset, cell = grid.preset, grid_cell(grid, args.cell)
     return resolve_run_config(preset, explicit_settings(args), preset_dir, environment, cell)
+
+
+def stopped_by_plan(args: argparse.Namespace, preset_dir: Path = PRESET_DIR,
+                    environment: dict[str, str] | None = None) -> str | None:
+    """Why the grid's sequential plan has stopped this run's cell (None: it runs). Takes the looks that are
+    ready first (danet.launch.ledger.advance), so that runs launched one by one (a `wandb agent`, an old Slurm
+    array, a person) decide looks too."""
+    if not (args.grid and args.cell) or vars(args).get("tracking.ignore_plan"):
+        return None
+    grid = load_grid(args.grid, preset_dir.parent / "grids")
+    if grid.plan is None:
+        return None
+    world_size = int((environment or {}).get("WORLD_SIZE", 1))
+    hashes = {cell: resolve_without_data(config_from_args(argparse.Namespace(**{**vars(args), "cell": cell}),
+                                                          preset_dir, environment), world_size).cell_hash()
+              for cell in grid.cells}
+    runs_dir = Path(config_from_args(args, preset_dir, environment).tracking.runs_dir)
+    return advance(grid, runs_dir, hashes).stopped_cell_ids().get(args.cell)
 
 
 def parse_run_args(argv: Sequence[str]) -> argparse.Namespace:

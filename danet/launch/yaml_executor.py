@@ -36,12 +36,14 @@ import optuna
 from rich.console import Console
 
 from danet.config import EXIT_USAGE, UsageError
-from danet.launch.contract import RunTarget, target_of, trial_flags
-from danet.launch.sweep_files import Sweep, render_command, suggest_params
+from danet.grids import load_grid
+from danet.launch.contract import RunTarget, parse_run_args, target_of, trial_flags
+from danet.launch.sweep_files import Sweep, grid_values, render_command, suggest_params
 from danet.launch.trials import (
     BUSY,
     MISSING,
     CellTrial,
+    PlanRounds,
     ProgressLine,
     RunEnd,
     WorkerLock,
@@ -53,6 +55,7 @@ from danet.launch.trials import (
     requeue,
     run_lock_held,
 )
+from danet.paths import GRID_DIR
 from danet.tracking import STATUS_PRUNED, mark_pruned, read_summary
 
 POLL_SECONDS = 0.5
@@ -182,6 +185,22 @@ class SweepTrial(CellTrial):
             raise
 
 
+def plan_rounds(sweep: Sweep, points: dict[str, RunTarget], runs_dir: Path) -> PlanRounds | None:
+    """The rounds of a grid sweep whose grid has a sequential plan (None: no plan). Its points must be the
+    grid's cells, as sweeps/make_sweeps.py writes them: the `cell` parameter is the only one that varies."""
+    example = next(iter(sweep.grid_points()))
+    grid_name = parse_run_args(program_argv(sweep, render_command(sweep, example))).grid
+    grid = load_grid(grid_name, GRID_DIR) if grid_name else None
+    if grid is None or grid.plan is None:
+        return None
+    space = grid_values(sweep.parameters, str(sweep.path))
+    if list(space) != ["cell"]:
+        raise UsageError(f"{sweep.path}: grid {grid.name} has a sequential plan, which runs its cells in rounds: the "
+                         f"sweep may vary only its cell parameter (it varies {sorted(space)})")
+    cell_of = {point_key(values): values["cell"] for values in sweep.grid_points()}
+    return PlanRounds(grid, runs_dir, {key: cell_of[key] for key in points}, space)
+
+
 def run_executor(sweep: Sweep, storage: optuna.storages.BaseStorage, study_name: str, count: int | None,
                  run_flags: list[str], console: Console) -> int:
     """One executor of the sweep (what one `wandb agent` is): runs proposals until `count` runs (None: until
@@ -207,7 +226,8 @@ def run_executor(sweep: Sweep, storage: optuna.storages.BaseStorage, study_name:
         trial_runner = SweepTrial(sweep, run_flags, plain, worker, console)
         progress = ProgressLine(sweep.metric, plain, console, len(grid) if grid else None)
         standing = drive(study, plain, trial_runner, progress, console, n_trials=count, catch=(Exception,),
-                         grid=grid, key_of=lambda trial: point_key(sweep.values(trial.params)))
+                         grid=grid, key_of=lambda trial: point_key(sweep.values(trial.params)),
+                         rounds=plan_rounds(sweep, grid, runs_dir) if grid else None)
     finally:
         worker.release()
     if standing is not None and count is None and not trial_runner.stop_requested:
