@@ -69,6 +69,43 @@ def test_usage_errors_are_one_line_and_exit_2(tmp_path, args, message):
     assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+PLANNED_CELLS = {"a": {"pam": False, "cam": False}, "b": {"pam": True, "cam": False},
+                 "c": {"pam": False, "cam": False, "seed_offset": 100}}
+PLANNED_COMPARISONS = [{"name": "b vs a", "treatment": "b", "baseline": "a"},
+                       {"name": "A/A", "treatment": "c", "baseline": "a"}]
+
+
+def _planned_grid(path):
+    """Three named cells over seeds 0-2, two comparisons with a common baseline, looks after 2 and 3 seeds."""
+    return write_grid(path, PLANNED_CELLS, seeds=(0, 1, 2), comparisons=PLANNED_COMPARISONS,
+                      plan={"looks": [2, 3], "futility": True, "alpha": 0.5})
+
+
+def test_dry_run_of_a_planned_grid_prints_its_first_round_and_the_look_job_after_it(tmp_path):
+    grid = _planned_grid(tmp_path / "seqplan.yaml")
+    result = _launch(["--grid", str(grid), "--dry-run", "--partition", "gpu", "--account", "lab", "--gpus-per-task",
+                      "1", "--time", "04:00:00", "--array", "2", "--", "--runs-dir", "scratch/runs"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    script, look = result.stdout.split("# then a look job, sbatch --dependency=afterany:<the array's job id>, "
+                                       "for look 1 of 2:\n")
+    assert "#SBATCH --array=0-5%2\n" in script and "#SBATCH --gpus-per-task=1\n" in script
+    assert "\ncells=(a_seed=0 a_seed=1 b_seed=0 b_seed=1 c_seed=0 c_seed=1)\n" in script  # seed index 2 waits
+    assert script.splitlines()[-1].endswith('--cell "${cells[$SLURM_ARRAY_TASK_ID]}" -- --runs-dir scratch/runs')
+    header = [line for line in look.splitlines() if line.startswith("#SBATCH ")]
+    assert header == ["#SBATCH --job-name=danet-seqplan-look", "#SBATCH --ntasks=1", "#SBATCH --cpus-per-task=1",
+                      "#SBATCH --partition=gpu", "#SBATCH --account=lab", "#SBATCH --time=00:10:00",
+                      f"#SBATCH --chdir={tmp_path}", f"#SBATCH --output={tmp_path}/scratch/runs/slurm/%x_%j.out",
+                      "#SBATCH --open-mode=append", "#SBATCH --no-requeue", "#SBATCH --export=ALL"]
+    assert "OMP_NUM_THREADS" not in look  # the next round's tasks get the look job's environment
+    assert look.splitlines()[-1] == (f"exec {sys.executable} {LAUNCHER} --look 0 --grid {grid} --partition gpu "
+                                     "--account lab --gpus-per-task 1 --cpus-per-task 1 --time 04:00:00 --array 2 "
+                                     "--max-requeues 3 -- --runs-dir scratch/runs")
+    assert "0 of 2 looks taken (next: look 1 at 2 seeds)" in result.stderr and "b vs a: no look yet" in result.stderr
+    assert not (tmp_path / "scratch").exists()  # a dry run writes nothing, the ledger included
+    study = _launch(["--grid", str(grid), "--study", "s", "--dry-run"], tmp_path)  # the Optuna workers run the rounds
+    assert study.returncode == 0 and "#SBATCH --array=0-8\n" in study.stdout and "look job" not in study.stdout
+
+
 # --- against a real Slurm -------------------------------------------------------------------------
 
 def _slurm(environment, *command):
@@ -190,6 +227,76 @@ def test_a_cell_that_always_fails_is_given_up_after_its_requeues_and_the_rest_co
     reason = failed[0]["reason"]
     assert reason.startswith(f"given up after 1 requeue(s) of Slurm job {job}_1 (--max-requeues 1): last attempt")
     assert failed[0]["status"] == "failed" and "exited with status 1" in reason and "non-finite loss" in reason
+
+
+@pytest.mark.slow
+def test_a_planned_grid_runs_in_rounds_of_arrays_each_followed_by_its_look_job(tmp_path, slurm_cluster):
+    from danet.grids import load_grid
+    from danet.launch.contract import cell_argv, target_of
+    from danet.launch.ledger import current_state, ledger_path, read_ledger
+    from danet.tracking import complete_runs
+
+    grid_path = _planned_grid(tmp_path / "seqplan.yaml")
+    runs = tmp_path / "runs"
+    result = _launch(["--grid", str(grid_path), "--", *tiny_flags(runs)], tmp_path,
+                     dict(slurm_cluster, PYTHONPATH=str(REPO)))
+    assert result.returncode == 0, result.stderr
+    first = re.search(r"submitted job array (\d+): 0-5 \(6 cells of grid seqplan before look 1 of 2\); "
+                      r"look job (\d+) follows it", result.stdout)
+    assert first, result.stdout
+
+    def chain_done():  # a look job submits the next round before it ends: an empty queue is the end of the chain
+        return not _slurm(slurm_cluster, "squeue", "-h", "-n", "danet-seqplan,danet-seqplan-look").strip()
+
+    _wait_until(chain_done, slurm_cluster, first.group(1), timeout=900, what="the rounds and their look jobs")
+    logs = runs / "slurm"
+    arrays = sorted({int(m.group(1)) for p in logs.glob("danet-seqplan_*.out")
+                     if (m := re.fullmatch(r"danet-seqplan_(\d+)_\d+\.out", p.name))})
+    look_jobs = sorted(int(re.fullmatch(r"danet-seqplan-look_(\d+)\.out", p.name).group(1))
+                       for p in logs.glob("danet-seqplan-look_*.out"))
+    for job in look_jobs:  # every look job ended well (a look it could not take would exit 1)
+        assert "JobState=COMPLETED" in _slurm(slurm_cluster, "scontrol", "-o", "show", "job", str(job))
+
+    entries = read_ledger(ledger_path(runs, "seqplan"))
+    first_look = {entry["comparison"]: entry["result"]["decision"] for entry in entries if entry["look"] == 0}
+    assert set(first_look) == {"b vs a", "A/A"} and all(entry["n"] == 2 for entry in entries if entry["look"] == 0)
+    going_on = [c for c in PLANNED_COMPARISONS if first_look[c["name"]] == "continue"]
+    # the second look decides exactly the comparisons the first one let go on, on 3 seeds
+    assert sorted(e["comparison"] for e in entries if e["look"] == 1) == sorted(c["name"] for c in going_on)
+    assert all(entry["n"] == 3 for entry in entries if entry["look"] == 1) and len(entries) == 2 + len(going_on)
+
+    grid = load_grid(str(grid_path), tmp_path)
+    hashes = {cell: target_of(cell_argv(str(grid_path), cell, tiny_flags(runs))).cell_hash for cell in grid.cells}
+    complete = complete_runs(runs)
+    stopped = current_state(grid, runs).stopped_cell_ids()
+    assert current_state(grid, runs).next_look() is None  # the plan is done
+    for cell, cell_hash in hashes.items():  # every cell is complete or stopped by the plan, never both
+        assert (cell_hash in complete) != (cell in stopped), cell
+    # round 2 ran seed index 2 of exactly the cells of a comparison that went on
+    live = {name for c in going_on for name in (c["treatment"], c["baseline"])}
+    assert {cell.split("_")[0] for cell in grid.cells if cell.endswith("_seed=2") and hashes[cell] in complete} == live
+    assert {cell for cell in stopped} == {f"{name}_seed=2" for name in PLANNED_CELLS if name not in live}
+    assert all(hashes[f"{name}_seed={seed}"] in complete for name in PLANNED_CELLS for seed in (0, 1))
+    # one array and one look job per round: two rounds when a comparison went on after the first look
+    rounds = 2 if going_on else 1
+    assert len(arrays) == rounds and len(look_jobs) == rounds and arrays[0] == int(first.group(1))
+    assert look_jobs[0] == int(first.group(2))
+    assert len(list(logs.glob(f"danet-seqplan_{arrays[0]}_*.out"))) == 6
+    if going_on:
+        assert len(list(logs.glob(f"danet-seqplan_{arrays[1]}_*.out"))) == len(live)
+        handed_on = (logs / f"danet-seqplan-look_{look_jobs[0]}.out").read_text()
+        assert f"submitted job array {arrays[1]}: 0-{len(live) - 1} ({len(live)} cells of grid seqplan before look " \
+               f"2 of 2); look job {look_jobs[1]} follows it" in handed_on
+    last = (logs / f"danet-seqplan-look_{look_jobs[-1]}.out").read_text()
+    assert f"grid seqplan: its plan is done: {len(grid.cells) - len(stopped)} cells complete, {len(stopped)} " \
+           "stopped by the plan; nothing to submit" in last
+    latest = {entry["comparison"]: entry for entry in entries}  # each comparison's final decision, as printed
+    for name, entry in latest.items():
+        assert f"  {name}: {entry['result']['decision']} at {entry['n']} seeds (final; delta " in last
+    # submitting again submits nothing: the plan is done
+    again = _launch(["--grid", str(grid_path), "--", *tiny_flags(runs)], tmp_path,
+                    dict(slurm_cluster, PYTHONPATH=str(REPO)))
+    assert again.returncode == 0 and "its plan is done" in again.stdout and "submitted" not in again.stdout
 
 
 class _StandInRun:

@@ -234,9 +234,10 @@ def records_of(cell_hashes: dict[str, str], runs_dir: Path) -> dict[str, SeedRec
             if cell_hash in complete}
 
 
-def advance(grid: Grid, runs_dir: Path, cell_hashes: dict[str, str]) -> PlanState:
+def advance(grid: Grid, runs_dir: Path, cell_hashes: dict[str, str], write: bool = True) -> PlanState:
     """Replay the ledger, check its records, decide the looks that are ready (each once, under a lock
-    on the ledger, so that concurrent launchers agree) and return where the plan stands."""
+    on the ledger, so that concurrent launchers agree) and return where the plan stands. `write=False`
+    (a dry run) decides them without writing them."""
     path = ledger_path(runs_dir, grid.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "a") as lock:
@@ -245,7 +246,7 @@ def advance(grid: Grid, runs_dir: Path, cell_hashes: dict[str, str]) -> PlanStat
         state = replay(grid, entries)
         verify(entries, runs_dir)
         new = take_looks(grid, state, records_of(cell_hashes, runs_dir))
-        if new:
+        if new and write:
             append_entries(path, new)
     return state
 

@@ -160,7 +160,8 @@ def run_worker(grid: Grid | None, search: Search | None, storage: optuna.storage
         rounds = PlanRounds(grid, runs_dir, {cell: cell for cell in grid.cells}, {"cell": list(grid.cells)}) \
             if grid is not None and grid.plan is not None else None
         standing = drive(study, plain, objective, progress, console, callbacks=callbacks, catch=(Exception,),
-                         grid=targets, key_of=lambda trial: trial.params.get("cell"), rounds=rounds)
+                         grid=targets, key_of=lambda trial: trial.params.get("cell"), rounds=rounds,
+                         max_trials=n_trials)
     finally:
         worker.release()
     line, failed = study_summary(study)

@@ -13,6 +13,9 @@ decides what Slurm should do next:
   checkpoints and records preempted; Slurm alone decides whether the task comes back;
 - the run failed or was killed (a crash, out of memory): the task is requeued;
 - after `max_requeues` requeues of any cause the cell is given up and recorded as failed.
+
+A grid with a sequential plan runs in rounds (sweeps/slurm.py): an array of a round's cells, then a
+look job (`look_lines`: one CPU, never requeued) that decides the look and submits the next round.
 """
 
 from __future__ import annotations
@@ -29,9 +32,12 @@ from typing import Callable
 
 from danet.config import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE
 from danet.launch.contract import cell_argv, run_command, target_of
+from danet.launch.ledger import PlanState, ledger_path
 from danet.paths import SWEEP_DIR
 from danet.tracking import RunStore
 
+# A look job's time limit: it reads the records, decides a look and submits the next round.
+LOOK_TIME = "00:10:00"
 # The warning before the time limit: long enough for one training step, a checkpoint and the exit.
 WARNING_SECONDS = 300
 # How long the supervisor waits, after stopping an Optuna worker at the warning, for it to exit
@@ -51,25 +57,66 @@ class Resources:
     time: str | None = None
 
 
-def sbatch_lines(job_name: str, array: str, resources: Resources, workdir: Path, log_dir: Path) -> list[str]:
-    """The #SBATCH header of the job array."""
-    options = [f"--job-name={job_name}", f"--array={array}", "--ntasks=1", f"--cpus-per-task={resources.cpus_per_task}"]
+def _requests(resources: Resources) -> list[str]:
+    options = ["--ntasks=1", f"--cpus-per-task={resources.cpus_per_task}"]
     for name, value in (("partition", resources.partition), ("account", resources.account),
                         ("gpus-per-task", resources.gpus_per_task or None), ("mem", resources.mem),
                         ("time", resources.time)):
         if value is not None:
             options.append(f"--{name}={value}")
+    return options
+
+
+def sbatch_lines(job_name: str, array: str, resources: Resources, workdir: Path, log_dir: Path) -> list[str]:
+    """The #SBATCH header of the job array."""
+    options = [f"--job-name={job_name}", f"--array={array}", *_requests(resources)]
     options += [f"--chdir={workdir}", f"--output={log_dir}/%x_%A_%a.out", "--open-mode=append", "--requeue",
                 f"--signal=B:USR1@{WARNING_SECONDS}", "--export=ALL"]
     return [f"#SBATCH {option}" for option in options]
 
 
-def batch_script(header: list[str], comment: list[str], task_command: list[str], cells: list[str] | None) -> str:
+def look_lines(job_name: str, resources: Resources, workdir: Path, log_dir: Path) -> list[str]:
+    """The #SBATCH header of a planned grid's look job: the tasks' partition and account, one CPU, no GPU,
+    LOOK_TIME; never requeued (it submits the next round: twice would run the round twice)."""
+    small = Resources(resources.partition, resources.account, time=LOOK_TIME)
+    options = [f"--job-name={job_name}", *_requests(small), f"--chdir={workdir}", f"--output={log_dir}/%x_%j.out",
+               "--open-mode=append", "--no-requeue", "--export=ALL"]
+    return [f"#SBATCH {option}" for option in options]
+
+
+def plan_standing(state: PlanState, runs_dir: Path) -> list[str]:
+    """Where a planned grid stands: the looks taken, each comparison's latest decision, the cells stopped."""
+    grid, looks = state.grid, state.grid.plan.looks
+    index = state.next_look()
+    where = f"next: look {index + 1} at {looks[index]} seeds" if index is not None else "the plan is done"
+    lines = [f"grid {grid.name}: {state.looks_taken} of {len(looks)} looks taken ({where}); ledger "
+             f"{ledger_path(runs_dir, grid.name)}"]
+    for comparison in grid.comparisons:
+        decision = state.decisions.get(comparison["name"])
+        if decision is None:
+            lines.append(f"  {comparison['name']}: no look yet")
+            continue
+        final = "final" if state.stopped(comparison["name"]) else "going on"
+        lines.append(f"  {comparison['name']}: {decision.decision} at {decision.n} seeds ({final}; "
+                     f"delta {decision.delta:+.2f} mIoU points, p better {decision.p_better:.3g}, p worse "
+                     f"{decision.p_worse:.3g}, p equivalent {decision.p_equivalent:.3g}, level {decision.level:.3g})")
+    order = grid.seeds_in_order()
+    for cell, seeds in state.stopped_cells().items():
+        if seeds < len(order[cell]):
+            lines.append(f"  cell {cell}: stopped after {seeds} of its {len(order[cell])} seeds (every comparison "
+                         "of it stopped)")
+    return lines
+
+
+def batch_script(header: list[str], comment: list[str], task_command: list[str], cells: list[str] | None,
+                 threads: bool = True) -> str:
     """The whole batch script. With `cells`, task i runs cell i: the ids are written into the script,
-    so that a grid file edited after submission cannot shift them."""
-    lines = ["#!/bin/bash", *header, *(f"# {line}" for line in comment),
-             "# torch would start a thread per core of the node, whose other cores belong to other tasks",
-             "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$SLURM_CPUS_PER_TASK}"]
+    so that a grid file edited after submission cannot shift them. `threads`: OMP_NUM_THREADS is the
+    task's CPUs (not in a look job, whose environment the next round's tasks get with --export=ALL)."""
+    lines = ["#!/bin/bash", *header, *(f"# {line}" for line in comment)]
+    if threads:
+        lines += ["# torch would start a thread per core of the node, whose other cores belong to other tasks",
+                  "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$SLURM_CPUS_PER_TASK}"]
     command = shlex.join(task_command)
     if cells is not None:
         lines.append("cells=(" + " ".join(shlex.quote(cell) for cell in cells) + ")")

@@ -340,12 +340,13 @@ class PlanRounds:
 def drive(study: optuna.Study, plain: optuna.Study, objective: CellTrial, progress: ProgressLine, console: Console, *,
           callbacks: Sequence[Callable] = (), n_trials: int | None = None, catch: tuple[type[Exception], ...] = (),
           grid: dict[str, RunTarget] | None = None, key_of: Callable[[FrozenTrial], str] | None = None,
-          rounds: PlanRounds | None = None) -> GridStanding | None:
+          rounds: PlanRounds | None = None, max_trials: int | None = None) -> GridStanding | None:
     """Run trials until the study is done. For a grid, done means every cell has a complete or given-up record:
     GridSampler stops when it has proposed every cell, while cells may still wait to be retried or be trained
     by other workers, so this worker takes the waiting ones and waits for the rest. With a plan (`rounds`), a
     round is done the same way before its look is taken and the next round's cells are proposed; cells the
-    plan stopped count as finished. Returns the grid's standing."""
+    plan stopped count as finished. `max_trials`: the study's trials across workers (MaxTrialsCallback in
+    `callbacks` stops at it). Returns the grid's standing."""
     stopped: set[str] = set()
     while True:
         reap_dead_workers(plain, console)
@@ -363,7 +364,8 @@ def drive(study: optuna.Study, plain: optuna.Study, objective: CellTrial, progre
         if grid is None:
             return None
         standing = grid_standing(points, plain, key_of)
-        interrupted = n_trials is not None or objective.stop_requested or progress.stopped
+        interrupted = n_trials is not None or objective.stop_requested or progress.stopped or \
+            (max_trials is not None and len(plain.get_trials(deepcopy=False)) >= max_trials)
         if rounds is not None and (interrupted or not (standing.finished or standing.in_progress)):
             return grid_standing(grid, plain, key_of, stopped)
         if rounds is not None and standing.finished:
