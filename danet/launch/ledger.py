@@ -237,17 +237,23 @@ def records_of(cell_hashes: dict[str, str], runs_dir: Path) -> dict[str, SeedRec
 def advance(grid: Grid, runs_dir: Path, cell_hashes: dict[str, str], write: bool = True) -> PlanState:
     """Replay the ledger, check its records, decide the looks that are ready (each once, under a lock
     on the ledger, so that concurrent launchers agree) and return where the plan stands. `write=False`
-    (a dry run) decides them without writing them."""
+    (a dry run) decides them without writing anything."""
     path = ledger_path(runs_dir, grid.name)
+    if not write:
+        return _advance(grid, runs_dir, cell_hashes, path, write)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "a") as lock:
         fcntl.lockf(lock, fcntl.LOCK_EX)
-        entries = read_ledger(path)
-        state = replay(grid, entries)
-        verify(entries, runs_dir)
-        new = take_looks(grid, state, records_of(cell_hashes, runs_dir))
-        if new and write:
-            append_entries(path, new)
+        return _advance(grid, runs_dir, cell_hashes, path, write)
+
+
+def _advance(grid: Grid, runs_dir: Path, cell_hashes: dict[str, str], path: Path, write: bool) -> PlanState:
+    entries = read_ledger(path)
+    state = replay(grid, entries)
+    verify(entries, runs_dir)
+    new = take_looks(grid, state, records_of(cell_hashes, runs_dir))
+    if new and write:
+        append_entries(path, new)
     return state
 
 
