@@ -34,7 +34,7 @@ from danet.config import EXIT_FAILED, EXIT_USAGE, UsageError
 from danet.grids import Grid, load_grid
 from danet.launch import slurm_jobs
 from danet.launch.contract import cell_argv, launcher_overrides, target_of
-from danet.launch.ledger import LedgerError, advance, ledger_path
+from danet.launch.ledger import LedgerError, advance, ledger_path, standing_lines
 from danet.paths import GRID_DIR
 from danet.tracking import complete_runs
 
@@ -198,7 +198,7 @@ def plan_step(args: argparse.Namespace, run_flags: list[str], grid: Grid) -> int
         return EXIT_FAILED
     looks = len(grid.plan.looks)
     position = looks if state.next_look() is None else state.next_look()
-    standing = slurm_jobs.plan_standing(state, runs_dir)
+    standing = standing_lines(state, runs_dir)
     if args.look is not None and position == args.look and missing:
         what = f"look {position + 1} of {looks}" if position < looks else f"the last round of grid {grid.name}"
         print("\n".join([f"{what}: not taken: {len(missing)} cell(s) of its round have no complete record "

@@ -48,7 +48,8 @@ ROUND_1 = {"a_seed=0": 0.50, "a_seed=1": 0.50, "b_seed=0": 0.55, "b_seed=1": 0.5
 
 def test_interim_looks_stop_for_futility_and_spending_efficacy():
     plan = Plan((6, 8), futility=True, efficacy="spending", alpha=0.05)
-    d = {"clear": np.ones(8), "null": np.array([1, -1, -1, 1, -1, -0.5, 2, 2.0]), "open": np.array([1, 2, -1, 1, 1, 1, 0, 0])}
+    d = {"clear": np.ones(8), "null": np.array([1, -1, -1, 1, -1, -0.5, 2, 2.0]),
+         "open": np.array([1, 2, -1, 1, 1, 1, 0, 0])}
     decided = decide_look(plan, 0, d, rows=3)
     # level 0.05 * 6/8 split over 3 rows = 0.0125 < 2^-6: no row can be better at 6 seeds, only futile
     assert {name: result.decision for name, result in decided.items()} == {"clear": CONTINUE, "null": FUTILE,
@@ -60,8 +61,8 @@ def test_interim_looks_stop_for_futility_and_spending_efficacy():
 
 def test_the_last_look_is_holms_step_down_then_worse_and_equivalence_at_its_level():
     plan = Plan((8,), futility=False, alpha=0.05, margin=1.0)
-    d = {"better": np.ones(8) * 3, "worse": -np.ones(8) * 3, "same": np.array([0.1, -0.1, 0.05, -0.05, 0.0, 0.1, -0.1, 0.02]),
-         "noisy": np.array([5, -4, 3, -6, 2, -1, 4, -3.0])}
+    d = {"better": np.ones(8) * 3, "worse": -np.ones(8) * 3,
+         "same": np.array([0.1, -0.1, 0.05, -0.05, 0.0, 0.1, -0.1, 0.02]), "noisy": np.array([5, -4, 3, -6, 2, -1, 4, -3.0])}
     decided = decide_look(plan, 0, d, rows=4)
     assert {name: r.decision for name, r in decided.items()} == {"better": BETTER, "worse": WORSE, "same": EQUIVALENT,
                                                                   "noisy": INCONCLUSIVE}
@@ -208,6 +209,6 @@ def test_the_yaml_executor_and_run_py_respect_the_plan(tmp_path):
     assert "grid" in executor.stderr and "1 stopped by its plan" in executor.stderr
     ignored = _run(run_py, "--grid", grid_path, "--cell", "c_seed=2", "--ignore-plan", *flags, cwd=tmp_path)
     assert ignored.returncode == 0 and _trained(runs) == {"a_seed=2", "b_seed=2", "c_seed=2"}
-    record, = [path.parent for path in runs.glob("*/config.yaml")
-               if yaml.safe_load(path.read_text())["train"].get("seed_offset") == 100 and (path.parent / "metrics.jsonl").exists()]
+    record, = [path.parent for path in runs.glob("*/metrics.jsonl")
+               if yaml.safe_load((path.parent / "config.yaml").read_text())["train"].get("seed_offset") == 100]
     assert yaml.safe_load((record / "config.yaml").read_text())["tracking"]["ignore_plan"] is True

@@ -130,6 +130,30 @@ class PlanState:
         return why
 
 
+def standing_lines(state: PlanState, runs_dir: Path) -> list[str]:
+    """Where a planned grid stands: the looks taken, each comparison's latest decision, the cells stopped."""
+    grid, looks = state.grid, state.grid.plan.looks
+    index = state.next_look()
+    where = f"next: look {index + 1} at {looks[index]} seeds" if index is not None else "the plan is done"
+    lines = [f"grid {grid.name}: {state.looks_taken} of {len(looks)} looks taken ({where}); ledger "
+             f"{ledger_path(runs_dir, grid.name)}"]
+    for comparison in grid.comparisons:
+        decision = state.decisions.get(comparison["name"])
+        if decision is None:
+            lines.append(f"  {comparison['name']}: no look yet")
+            continue
+        final = "final" if state.stopped(comparison["name"]) else "going on"
+        lines.append(f"  {comparison['name']}: {decision.decision} at {decision.n} seeds ({final}; "
+                     f"delta {decision.delta:+.2f} mIoU points, p better {decision.p_better:.3g}, p worse "
+                     f"{decision.p_worse:.3g}, p equivalent {decision.p_equivalent:.3g}, level {decision.level:.3g})")
+    order = grid.seeds_in_order()
+    for cell, seeds in state.stopped_cells().items():
+        if seeds < len(order[cell]):
+            lines.append(f"  cell {cell}: stopped after {seeds} of its {len(order[cell])} seeds (every comparison "
+                         "of it stopped)")
+    return lines
+
+
 def plan_fingerprint(grid: Grid) -> dict:
     return {**dataclasses.asdict(grid.plan), "looks": list(grid.plan.looks),
             "comparisons": [dict(c) for c in grid.comparisons]}

@@ -167,7 +167,7 @@ def run_worker(grid: Grid | None, search: Search | None, storage: optuna.storage
     line, failed = study_summary(study)
     console.print(line, markup=False, soft_wrap=True)
     if standing is not None and n_trials is None and not objective.stop_requested:
-        return report_grid(standing, grid.name, console)
+        return report_grid(standing, grid.name, console, rounds)
     return 1 if failed else 0
 
 

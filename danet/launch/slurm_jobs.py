@@ -32,7 +32,6 @@ from typing import Callable
 
 from danet.config import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE
 from danet.launch.contract import cell_argv, run_command, target_of
-from danet.launch.ledger import PlanState, ledger_path
 from danet.paths import SWEEP_DIR
 from danet.tracking import RunStore
 
@@ -82,30 +81,6 @@ def look_lines(job_name: str, resources: Resources, workdir: Path, log_dir: Path
     options = [f"--job-name={job_name}", *_requests(small), f"--chdir={workdir}", f"--output={log_dir}/%x_%j.out",
                "--open-mode=append", "--no-requeue", "--export=ALL"]
     return [f"#SBATCH {option}" for option in options]
-
-
-def plan_standing(state: PlanState, runs_dir: Path) -> list[str]:
-    """Where a planned grid stands: the looks taken, each comparison's latest decision, the cells stopped."""
-    grid, looks = state.grid, state.grid.plan.looks
-    index = state.next_look()
-    where = f"next: look {index + 1} at {looks[index]} seeds" if index is not None else "the plan is done"
-    lines = [f"grid {grid.name}: {state.looks_taken} of {len(looks)} looks taken ({where}); ledger "
-             f"{ledger_path(runs_dir, grid.name)}"]
-    for comparison in grid.comparisons:
-        decision = state.decisions.get(comparison["name"])
-        if decision is None:
-            lines.append(f"  {comparison['name']}: no look yet")
-            continue
-        final = "final" if state.stopped(comparison["name"]) else "going on"
-        lines.append(f"  {comparison['name']}: {decision.decision} at {decision.n} seeds ({final}; "
-                     f"delta {decision.delta:+.2f} mIoU points, p better {decision.p_better:.3g}, p worse "
-                     f"{decision.p_worse:.3g}, p equivalent {decision.p_equivalent:.3g}, level {decision.level:.3g})")
-    order = grid.seeds_in_order()
-    for cell, seeds in state.stopped_cells().items():
-        if seeds < len(order[cell]):
-            lines.append(f"  cell {cell}: stopped after {seeds} of its {len(order[cell])} seeds (every comparison "
-                         "of it stopped)")
-    return lines
 
 
 def batch_script(header: list[str], comment: list[str], task_command: list[str], cells: list[str] | None,

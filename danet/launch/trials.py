@@ -36,7 +36,7 @@ from rich.console import Console
 
 from danet.grids import Grid
 from danet.launch.contract import RunTarget
-from danet.launch.ledger import advance
+from danet.launch.ledger import PlanState, advance, standing_lines
 from danet.tracking import (
     STATUS_FAILED,
     STATUS_PREEMPTED,
@@ -324,10 +324,12 @@ class PlanRounds:
     runs_dir: Path
     cell_of: dict[str, str]  # the driver's key of each grid point -> its cell id
     space: dict[str, list]  # the driver's GridSampler space; its "cell" values are narrowed to each round
+    state: PlanState | None = None  # where the plan stood at the last round
 
     def next_round(self, targets: dict[str, RunTarget]) -> tuple[dict[str, RunTarget], set[str]]:
         """The round's points (none: the plan is done) and the points the plan stopped."""
-        state = advance(self.grid, self.runs_dir, {self.cell_of[key]: t.cell_hash for key, t in targets.items()})
+        self.state = state = advance(self.grid, self.runs_dir,
+                                     {self.cell_of[key]: t.cell_hash for key, t in targets.items()})
         now, stopped = set(state.round_cells()), state.stopped_cell_ids()
         return ({key: target for key, target in targets.items() if self.cell_of[key] in now},
                 {key for key in targets if self.cell_of[key] in stopped})
@@ -375,11 +377,15 @@ def drive(study: optuna.Study, plain: optuna.Study, objective: CellTrial, progre
         time.sleep(BUSY_POLL_SECONDS)
 
 
-def report_grid(standing: GridStanding, name: str, console: Console) -> int:
-    """The grid's last line, and the driver's exit status: 0 when every cell is complete."""
+def report_grid(standing: GridStanding, name: str, console: Console, rounds: PlanRounds | None = None) -> int:
+    """The grid's last lines (with a plan, where it stands), and the driver's exit status: 0 when every cell is
+    complete or stopped by the plan."""
+    if rounds is not None and rounds.state is not None:
+        for line in standing_lines(rounds.state, rounds.runs_dir):
+            console.print(line, markup=False, soft_wrap=True)
     cells = len(standing.complete) + len(standing.stopped) + len(standing.given_up) + len(standing.in_progress) + \
         len(standing.missing)
-    stopped = f", {len(standing.stopped)} stopped by its plan (the ledger says why)" if standing.stopped else ""
+    stopped = f", {len(standing.stopped)} stopped by its plan" if standing.stopped else ""
     console.print(f"grid {name}: {len(standing.complete)}/{cells} cells complete{stopped}", markup=False,
                   soft_wrap=True)
     for label, listed in (("given up (record failed; ablations/run.py --resume continues it)", standing.given_up),

@@ -219,6 +219,7 @@ def run_executor(sweep: Sweep, storage: optuna.storages.BaseStorage, study_name:
     study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=sweep.pruner(),
                                 direction=sweep.goal, load_if_exists=True)
     plain = plain_study(study_name, storage)
+    rounds = plan_rounds(sweep, grid, runs_dir) if grid else None
     worker = WorkerLock(runs_dir)
     try:
         console.print(f"executor {socket.gethostname()}:{os.getpid()} joins sweep {study_name} ({sweep.method}, "
@@ -227,9 +228,9 @@ def run_executor(sweep: Sweep, storage: optuna.storages.BaseStorage, study_name:
         progress = ProgressLine(sweep.metric, plain, console, len(grid) if grid else None)
         standing = drive(study, plain, trial_runner, progress, console, n_trials=count, catch=(Exception,),
                          grid=grid, key_of=lambda trial: point_key(sweep.values(trial.params)),
-                         rounds=plan_rounds(sweep, grid, runs_dir) if grid else None)
+                         rounds=rounds)
     finally:
         worker.release()
     if standing is not None and count is None and not trial_runner.stop_requested:
-        return report_grid(standing, study_name, console)
+        return report_grid(standing, study_name, console, rounds)
     return 1 if progress.failed else 0
