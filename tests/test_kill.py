@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from danet.grids import load_grid
+from danet.launch.ledger import ledger_path, read_ledger
 from tests.conftest import GRIDS, REPO, tiny_flags, write_grid
 
 OPTUNA_DRIVER = REPO / "sweeps" / "optuna_study.py"
@@ -237,13 +238,8 @@ def losses(run_dir: Path) -> dict[int, float]:
     return logged
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The grid (2 cells x seeds 0-3, tiny synthetic runs) and a fault-free pass of it with the Optuna driver:
-    cell hash -> (name, step -> training loss)."""
-    base = tmp_path_factory.mktemp("kill")
-    grid = write_grid(base / "kill.yaml", {"fcn": {"pam": False, "cam": False}, "pam": {"pam": True, "cam": False}},
-                      seeds=(0, 1, 2, 3))
+def fault_free_pass(base: Path, grid: Path) -> dict[str, tuple[str, dict[int, float]]]:
+    """The grid trained without faults by the Optuna driver: cell hash -> (name, step -> training loss)."""
     runs = base / "A"
     started = time.monotonic()
     done = subprocess.run([sys.executable, str(OPTUNA_DRIVER), "--grid", str(grid), "--study", "reference",
@@ -252,11 +248,42 @@ def reference(tmp_path_factory):
                           stderr=subprocess.STDOUT, text=True, timeout=300)
     assert done.returncode == 0, done.stdout
     found = records(runs)
-    assert len(found) == 8 and all(summary["status"] == "complete" for summary in found.values()), found
+    assert found and all(summary["status"] == "complete" for summary in found.values()), found
     losses_of = {summary["cell_hash"]: (summary["name"], losses(runs / name)) for name, summary in found.items()}
-    assert len(losses_of) == 8 and all(len(logged) == 30 for _, logged in losses_of.values())
-    print(f"\nkill test reference: 8 cells in {time.monotonic() - started:.0f}s (fault-free, Optuna driver, 2 workers)")
-    return grid, losses_of
+    assert len(losses_of) == len(found) and all(len(logged) == 30 for _, logged in losses_of.values())
+    print(f"\nkill test reference: {len(found)} cells in {time.monotonic() - started:.0f}s (fault-free, Optuna driver, "
+          "2 workers)")
+    return losses_of
+
+
+CELLS = {"fcn": {"pam": False, "cam": False}, "pam": {"pam": True, "cam": False}}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The grid (2 cells x seeds 0-3, tiny synthetic runs) and its fault-free pass."""
+    base = tmp_path_factory.mktemp("kill")
+    grid = write_grid(base / "kill.yaml", CELLS, seeds=(0, 1, 2, 3))
+    losses_of = fault_free_pass(base, grid)
+    assert len(losses_of) == 8
+    return grid, losses_of, None
+
+
+@pytest.fixture(scope="module")
+def planned_reference(tmp_path_factory):
+    """The same grid under a sequential plan (looks after 2 and 4 seeds, futility), its fault-free pass (the cells
+    the plan ran) and its ledger's decisions."""
+    base = tmp_path_factory.mktemp("kill-planned")
+    grid = write_grid(base / "kill.yaml", CELLS, seeds=(0, 1, 2, 3),
+                      comparisons=[{"name": "pam vs fcn", "treatment": "pam", "baseline": "fcn"}],
+                      plan={"looks": [2, 4], "futility": True, "alpha": 0.5})
+    return grid, fault_free_pass(base, grid), decisions(base / "A")
+
+
+def decisions(runs: Path) -> list[tuple]:
+    """A ledger's decisions: (look, comparison, decision, Δ) in the order they were written."""
+    return [(entry["look"], entry["comparison"], entry["result"]["decision"], entry["result"]["delta"])
+            for entry in read_ledger(ledger_path(runs, "kill"))]
 
 
 def driver_commands(driver: str, base: Path, grid: Path, runs: Path) -> tuple[list[list[str]], Path]:
@@ -277,9 +304,9 @@ def driver_commands(driver: str, base: Path, grid: Path, runs: Path) -> tuple[li
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("driver", ["optuna", "yaml"])
-def test_killed_workers_runs_and_drivers_lose_no_cell_and_change_no_loss(tmp_path, reference, driver):
-    grid, expected = reference
+@pytest.mark.parametrize("driver,planned", [("optuna", False), ("yaml", False), ("optuna", True)])
+def test_killed_workers_runs_and_drivers_lose_no_cell_and_change_no_loss(tmp_path, request, driver, planned):
+    grid, expected, expected_decisions = request.getfixturevalue("planned_reference" if planned else "reference")
     runs = tmp_path / "B"
     (tmp_path / "logs").mkdir()
     commands, cwd = driver_commands(driver, tmp_path, grid, runs)
@@ -326,8 +353,10 @@ def test_killed_workers_runs_and_drivers_lose_no_cell_and_change_no_loss(tmp_pat
     outputs = "\n".join(f"--- driver{run.slot}-{run.number} (exit {exits[f'driver{run.slot}-{run.number}']}):\n"
                         f"{run.tail()}" for run in finals)
     kills = sum(not entry.startswith("-") for entry in chaos.schedule)
-    print(f"\nkill test [{driver}]: {kills} kills, {chaos.restarts} restarts, {len(lost) + len(incomplete)} lost, "
-          f"{duplicated} duplicated, {len(changed)} with other losses; {len(complete)}/8 complete in {elapsed:.0f}s; "
+    label = f"{driver}, planned" if planned else driver
+    print(f"\nkill test [{label}]: {kills} kills, {chaos.restarts} restarts, {len(lost) + len(incomplete)} lost, "
+          f"{duplicated} duplicated, {len(changed)} with other losses; {len(complete)}/{len(expected)} complete in "
+          f"{elapsed:.0f}s; "
           f"exits {exits}; schedule {chaos.schedule}")
 
     assert settled, f"the drivers did not finish within {SETTLE_S}s of the schedule's end\n{outputs}"
@@ -338,3 +367,5 @@ def test_killed_workers_runs_and_drivers_lose_no_cell_and_change_no_loss(tmp_pat
     for run in finals:  # a driver that says the grid is done must be right
         for claimed, cells in GRID_LINE.findall(run.log.read_text()):
             assert int(claimed) == len(complete) and int(cells) == 8, f"driver{run.slot}-{run.number}: {run.tail()}"
+    if planned:  # each look decided once, as the fault-free pass decided it
+        assert decisions(runs) == expected_decisions
