@@ -35,6 +35,7 @@ from reports.tables import (
     model_description,
     plain_setting,
     recorded_values,
+    seed_range,
     setting_columns,
     without_design,
 )
@@ -44,7 +45,7 @@ ABOUT = "about.md"  # hand-written: the design, how it was run, the commands
 READING = "reading.md"  # hand-written: what the tables and figures say
 MARKER = "<!-- Written by "  # the first line of every generated page: only such a page is replaced or removed
 TABLES = {"table1": "Table 1 layout", "table2": "Table 2 layout", "cells": "Cells", "comparisons": "Comparisons",
-          "generic": "Generic table"}
+          "plan": "Runs and hours of the plan", "generic": "Generic table"}
 FIGURES = {  # figure kind (the file name's end) -> caption; the table it belongs to comes first in the name
     "intervals": "val mIoU per cell: every seed, the mean and its 95% t-interval",
     "class_iou": "per-class IoU of each cell and its paired difference from the baseline cell",
@@ -189,14 +190,6 @@ def _count(count: int, what: str) -> str:
     return f"{count} {what}" + ("" if count == 1 else "s")
 
 
-def _seeds(seeds: list[int]) -> str:
-    """0-4, or 0, 2, 5 where they are not consecutive."""
-    seeds = sorted(seeds)
-    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
-        return f"{seeds[0]}-{seeds[-1]}"
-    return ", ".join(map(str, seeds))
-
-
 def _summaries(runs: pd.DataFrame) -> list[dict]:
     """The summary.json of each local record (for what the tables do not carry: versions)."""
     summaries = []
@@ -289,7 +282,7 @@ def _cells_table(runs: pd.DataFrame, grids_dir: Path) -> str:
         rows.append(([f"`{name}`"] if from_grid else []) + [
             model_description(first), f"{len(losses)}: {', '.join(losses)}"] + (
             [", ".join(f"`{other}` {plain_setting(first[other])}" for other in others)] if others else []) + [
-            _seeds(seeds), f"{len(cell)}" + (f" ({complete} complete)" if complete != len(cell) else ""),
+            seed_range(seeds), f"{len(cell)}" + (f" ({complete} complete)" if complete != len(cell) else ""),
             ", ".join(folders)])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])

@@ -3,6 +3,8 @@
     python reports/plan.py --runs-dir results/camvid_cpu/runs --effect 1.0
     python reports/plan.py --runs-dir DIR --cells PAM CAM PAM+CAM --budget-hours 10 --csv plan.csv
     python reports/plan.py --audit --looks 6,9,12 --futility --alpha 0.0167 --sd 1.0 --effect 1.0 [--csv FILE]
+    python reports/plan.py --replay --runs-dir R --grid G --looks 4,6,8 --futility [--efficacy none|spending]
+                           [--alpha 0.05] [--margin 1.0] [--csv FILE]
 
 The comparisons are those of make_tables (reports/report.py): a grid's declared comparisons (records
 of a grid with `comparisons`) or each table1/table2 row against its baseline. For each, the pilot's
@@ -17,11 +19,20 @@ they detect.
 by enumerating every sign pattern of the differences (the worst case over several magnitude sets),
 and its power and expected seeds, with no effect and with --effect, from normal draws of sd --sd,
 beside the fixed design that runs every seed and tests once.
+
+--replay runs a plan given by the flags over a grid's finished records instead (the grid's own plan
+replaced; danet.launch.ledger.replay_plan, seeds in order, the records' --metric; no ledger is
+written): where each comparison would have stopped and with which decision, the runs the plan makes
+against the fixed design's (every seed of every cell) and the training hours it saves (each cell's
+mean wall_time_s times its runs saved). --csv writes the columns comparison,stopped_at,decision
+(stopped_at: the seeds of the look that decided; empty while a comparison would continue), then
+one row `total,<runs made>/<fixed-design runs>,<hours saved>`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -29,10 +40,20 @@ from pathlib import Path
 import pandas as pd
 
 from danet.config import UsageError
+from danet.grids import Grid, load_grid
+from danet.launch.ledger import PlanState, replay_plan
 from danet.paths import GRID_DIR
-from danet.plans import EFFICACY_RULES, Plan, PlanError
+from danet.plans import CONTINUE, EFFICACY_RULES, Plan, PlanError, plan_from_grid
 from reports.report import layout_applies
-from reports.sequential import AUDIT_DRAWS, audit
+from reports.sequential import (
+    AUDIT_DRAWS,
+    SOURCE_REPLAY,
+    audit,
+    planned_verdicts,
+    runs_and_hours,
+    seed_records,
+    with_cell_ids,
+)
 from reports.sources import NoRunsFound, read_run_store
 from reports.stats import MAX_SEEDS, POWER, minimum_detectable_effect, seeds_needed, smallest_p_value
 from reports.tables import (
@@ -47,6 +68,8 @@ from reports.tables import (
     grid_tables,
     resolve_duplicates,
     usable_runs,
+    verdict_text,
+    with_verdicts,
 )
 
 
@@ -194,6 +217,86 @@ def audit_plan(args: argparse.Namespace, prog: str) -> int:
     return 0
 
 
+def replayed_plan(args: argparse.Namespace) -> Grid:
+    """The grid with the plan of the flags in place of its own (PlanError: a plan that cannot work)."""
+    grid = load_grid(str(args.grid), args.grids_dir)
+    entry = {"looks": list(args.looks), "futility": args.futility, "efficacy": args.efficacy, "alpha": args.alpha,
+             "margin": args.margin}
+    planned = dataclasses.replace(grid, plan=plan_from_grid(entry, len(grid.comparisons), f"grid {grid.name}"))
+    order = planned.seeds_in_order()
+    short = [name for c in grid.comparisons for name in (c["treatment"], c["baseline"]) if len(order[name]) < args.looks[-1]]
+    if short:
+        raise PlanError(f"grid {grid.name}: plan: the last look needs {args.looks[-1]} seeds per cell; cell {short[0]} "
+                        f"has {len(order[short[0]])}")
+    return planned
+
+
+def grid_records(runs_dir: Path, grid: Grid, metric: str) -> pd.DataFrame:
+    """The usable records of the grid's cells in runs_dir, with their cell ids (NoRunsFound: none)."""
+    usable, _ = usable_runs(read_run_store(runs_dir), metric)
+    usable, _ = resolve_duplicates(usable, keep_newest=False)
+    if "grid" in usable and "grid_cell" in usable:
+        usable = with_cell_ids(grid, usable[usable["grid"].astype(str) == grid.name])
+    if usable.empty or "cell_id" not in usable:
+        raise NoRunsFound(f"no complete records of grid {grid.name} in {runs_dir}")
+    return usable
+
+
+def replay_rows(state: PlanState, hours: pd.DataFrame) -> pd.DataFrame:
+    """comparison, stopped_at, decision per comparison, then total, <runs made>/<fixed runs>, <hours saved>."""
+    rows = []
+    for comparison in state.grid.comparisons:
+        decision = state.decisions.get(comparison["name"])
+        rows.append({"comparison": comparison["name"],
+                     "stopped_at": decision.n if decision and decision.decision != CONTINUE else "",
+                     "decision": decision.decision if decision else "no look"})
+    total = hours.iloc[-1]
+    rows.append({"comparison": "total", "stopped_at": f"{int(total['runs'])}/{int(total['runs_fixed'])}",
+                 "decision": f"{total['hours_saved']:.2f}"})
+    return pd.DataFrame(rows, columns=["comparison", "stopped_at", "decision"])
+
+
+def describe_replay(state: PlanState, hours: pd.DataFrame, records: int, where: Path, metric: str) -> str:
+    """The replay in sentences: the plan, each comparison's stop and decision, the runs and hours saved."""
+    plan, grid = state.grid.plan, state.grid
+    lines = [f"Replay of grid {grid.name} over its {records} records in {where} ({metric}; no ledger written): looks "
+             f"{list(plan.looks)}, futility {'on' if plan.futility else 'off'}, efficacy {plan.efficacy}, alpha "
+             f"{plan.alpha:g} family-wise over {len(grid.comparisons)} comparisons (Holm at the last look), margin "
+             f"±{plan.margin:g} point."]
+    compared = pd.DataFrame([{key: c[key] for key in ("treatment", "baseline")} | {"comparison": c["name"]}
+                             for c in grid.comparisons])
+    verdicts = planned_verdicts(state, SOURCE_REPLAY)
+    for _, row in with_verdicts(compared, verdicts, set()).iterrows():
+        decision = verdicts[row["comparison"]].decision
+        delta = f"; Δ {decision.delta:+.2f} points over those seeds" if decision else ""
+        lines.append(f"- {row['comparison']}: {verdict_text(row)}{delta}")
+    total = hours.iloc[-1]
+    lines.append(f"Runs: {int(total['runs'])} of the fixed design's {int(total['runs_fixed'])}; training hours: "
+                 f"{total['hours']:.2f} for the plan's runs, {total['hours_saved']:.2f} saved (each cell's mean run "
+                 "time times its runs saved).")
+    return "\n".join(lines + ["", hours.to_string(index=False, float_format=lambda value: f"{value:.2f}")])
+
+
+def replay_grid(args: argparse.Namespace, prog: str) -> int:
+    if not (args.runs_dir and args.grid and args.looks):
+        print(f"{prog}: --replay needs --runs-dir, --grid and --looks", file=sys.stderr)
+        return 2
+    try:
+        grid = replayed_plan(args)
+        runs = grid_records(args.runs_dir, grid, args.metric)
+    except (PlanError, UsageError, NoRunsFound, DuplicateRunsError) as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return 2
+    state = replay_plan(grid, seed_records(runs, args.metric))
+    hours = runs_and_hours(state, runs)
+    print(describe_replay(state, hours, len(runs), args.runs_dir, args.metric))
+    if args.csv:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        replay_rows(state, hours).to_csv(args.csv, index=False)
+        print(f"wrote {args.csv}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reports/plan.py", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -219,9 +322,17 @@ def main(argv: list[str] | None = None) -> int:
                              help="none: test at the last look only; spending: alpha split over the looks by the "
                                   "seeds each adds (default: none)")
     audit_flags.add_argument("--sd", type=float, default=1.0, help="sd of the paired differences (default 1.0)")
+    replay_flags = parser.add_argument_group("replaying a plan over a grid's records (with --looks, --futility, "
+                                             "--efficacy, --alpha, --runs-dir, --csv)")
+    replay_flags.add_argument("--replay", action="store_true",
+                              help="run the plan of the flags over the grid's finished records (writes no ledger)")
+    replay_flags.add_argument("--grid", help="the grid (a name in --grids-dir, or a path)")
+    replay_flags.add_argument("--margin", type=float, default=1.0, help="equivalence margin in mIoU points (default 1.0)")
     args = parser.parse_args(argv)
     if args.audit:
         return audit_plan(args, parser.prog)
+    if args.replay:
+        return replay_grid(args, parser.prog)
     if args.runs_dir is None:
         parser.error("--runs-dir is required (or --audit)")
     try:

@@ -8,8 +8,8 @@ comparisons, layout_report_table for table1 / table2, generic_report for --rows 
 each with its note and figures (write_report_table), and last the folder's results page
 (OUT/README.md, reports/pages.py: the records' header, about.md, every table and figure the folder
 holds, reading.md). It returns the script's exit status: 2, with one line on stderr, when no runs
-are found, a cell would pool different settings or two complete records share a cell and seed (a
-failed call leaves no page either).
+are found, a cell would pool different settings, two complete records share a cell and seed, or
+the runs folder's ledger disagrees with the grid or the records (a failed call leaves no page either).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from rich.console import Console
 from danet.config import UsageError
 from danet.console import stderr_console
 from danet.grids import Grid
+from danet.launch.ledger import LedgerError
 from danet.paths import GRID_DIR
 from reports import pages
 from reports.sources import (
@@ -41,6 +42,7 @@ from reports.tables import (
     ALPHA,
     CELL_NOTE,
     EFFECT,
+    GAIN_NOTE,
     TABLE1,
     TABLE2,
     DuplicateRunsError,
@@ -50,23 +52,26 @@ from reports.tables import (
     add_derived_columns,
     find_grid,
     generic_table,
-    grid_tables,
+    grid_report,
+    hours_note,
     paper_reference,
     presentable,
     presentable_cells,
     presentable_comparisons,
+    presentable_hours,
     provenance_lines,
     resolve_duplicates,
     table_note,
     to_markdown,
     usable_runs,
+    verdict_note,
     write_table,
 )
 
 PROG = "reports/make_tables.py"  # the name in front of its messages
 BASELINES = {"table1": ("no attention", "the DANet head with PAM and CAM off, same backbone"),
              "table2": ("base", "the row with no DA, multi-grid or multi-scale test")}
-TABLE_NAMES = ("table1", "table2", "cells", "comparisons", "generic")
+TABLE_NAMES = ("table1", "table2", "cells", "comparisons", "plan", "generic")
 # figure names; "bars" is the bar chart earlier versions drew, removed with the other stale files
 FIGURE_KINDS = ("intervals", "class_iou", "val_miou", "gamma", "bars")
 
@@ -235,16 +240,26 @@ def grid_with_comparisons(usable: pd.DataFrame, grids_dir: Path, prog: str = PRO
 
 
 def grid_report_tables(grid_runs: pd.DataFrame, grid: Grid, request: ReportRequest, numbers: str) -> list[ReportTable]:
-    """The cells and comparisons tables of a grid that declares comparisons."""
+    """The cells and comparisons tables of a grid that declares comparisons, and the runs and hours of its
+    plan where it has one (or its runs folder a ledger)."""
     statistics = request.statistics
-    cells, comparisons = grid_tables(grid_runs, grid, request.metric, **statistics)
+    # the ledger's decisions were taken on the runs' own final numbers: evaluation numbers get the plan replayed
+    local = None if request.wandb or request.optuna_storage or request.evaluated else request.runs_dir
+    report = grid_report(grid_runs, grid, request.metric, **statistics, runs_dir=local)
+    cells, comparisons = report.cells, report.comparisons
     lines = provenance_lines(grid_runs, numbers)
-    note_cells = f"{CELL_NOTE} Cells of grid {grid.name}, matched by their records' grid_cell. " + " ".join(lines)
+    note_cells = f"{CELL_NOTE} {GAIN_NOTE} Cells of grid {grid.name}, matched by their records' grid_cell. " + \
+        " ".join(lines)
     baseline = comparisons["baseline"].mode().iloc[0] if not comparisons.empty else None
-    note = table_note(comparisons, "the comparison's baseline cell", **statistics) + " " + " ".join(lines)
-    return [ReportTable("cells", cells, presentable_cells(cells), note_cells, grid_runs.assign(cell=grid_runs["grid_cell"]),
-                        baseline, comparisons),
-            ReportTable("comparisons", comparisons, presentable_comparisons(comparisons, **statistics), note)]
+    note = " ".join([table_note(comparisons, "the comparison's baseline cell", **statistics), verdict_note(report),
+                     *lines])
+    tables = [ReportTable("cells", cells, presentable_cells(cells), note_cells,
+                          grid_runs.assign(cell=grid_runs["grid_cell"]), baseline, comparisons),
+              ReportTable("comparisons", comparisons, presentable_comparisons(comparisons, **statistics), note)]
+    if report.hours is not None:
+        tables.append(ReportTable("plan", report.hours, presentable_hours(report.hours),
+                                  " ".join([hours_note(report), *lines])))
+    return tables
 
 
 def layout_report_table(layout_runs: pd.DataFrame, layout: Layout, request: ReportRequest, numbers: str,
@@ -383,7 +398,8 @@ def make_report(request: ReportRequest, prog: str = PROG, console: Console | Non
     try:
         tables = report_tables(usable, selection, request, prog)
         generic = generic_report(usable, request)
-    except (MixedCellError, DuplicateRunsError, KeyError, UsageError) as error:  # UsageError: a broken grid file
+    except (MixedCellError, DuplicateRunsError, KeyError, UsageError, LedgerError) as error:
+        # UsageError: a broken grid file; LedgerError: a ledger of another plan, or whose records are gone or changed
         return _refuse(prog, error)
     for table in tables:
         written += write_report_table(table, request, where, console)

@@ -1,11 +1,15 @@
 """Ablation tables: per cell mean, sd, n and 95% t-interval over seeds, the paired delta against
-the baseline cell with its test and power, the paper's number beside it, and costs. Written as
-Markdown, LaTeX (pdflatex-safe) and CSV."""
+the baseline cell with its test and power, the paper's number beside it, and costs. For a grid's
+comparisons also each one's verdict under the grid's seed plan (reports/sequential.py), each cell's
+gain over the last quarter of training, and the plan's runs and hours. Written as Markdown, LaTeX
+(pdflatex-safe) and CSV."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +20,18 @@ import yaml
 
 from danet.config import NOT_IN_CELL, fields_by_cell_rule
 from danet.grids import Grid, load_grid
+from danet.plans import CONTINUE, EQUIVALENT, Plan
+from reports.sequential import (
+    SOURCE_FIXED,
+    SOURCE_LEDGER,
+    Verdict,
+    fixed_verdicts,
+    plan_state,
+    planned_verdicts,
+    runs_and_hours,
+    seed_records,
+    with_cell_ids,
+)
 from reports.sources import IOU_PREFIX, MACHINE_NOT_RECORDED
 from reports.stats import (
     POWER,
@@ -295,11 +311,29 @@ def find_grid(grids_dir: Path, name: str) -> Grid | None:
     return load_grid(str(path), Path(grids_dir)) if path.is_file() else None
 
 
+@dataclass(frozen=True)
+class GridReport:
+    """The tables of a grid that declares comparisons: its cells, its comparisons (with their verdicts),
+    the runs and hours of its plan (None for a grid with neither a plan nor a ledger) and the plan the
+    verdicts come from with its source (sequential.SOURCE_*)."""
+
+    cells: pd.DataFrame
+    comparisons: pd.DataFrame
+    hours: pd.DataFrame | None
+    plan: Plan | None
+    source: str
+
+
 def grid_tables(runs: pd.DataFrame, grid: Grid, metric: str = "final_miou", alpha: float = ALPHA,
                 power: float = POWER, effect: float = EFFECT) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The per-cell table and the comparisons table of a grid that declares comparisons. Records
-    are matched to cells by tracking.grid_cell. A controlled grid's cells may differ only in the
-    switches the grid studies (and the seed)."""
+    """The per-cell table and the comparisons table of a grid that declares comparisons (grid_report)."""
+    report = grid_report(runs, grid, metric, alpha, power, effect)
+    return report.cells, report.comparisons
+
+
+def _grid_records(runs: pd.DataFrame, grid: Grid, metric: str) -> pd.DataFrame:
+    """The usable records of the grid's cells; a controlled grid's cells may differ only in the switches
+    the grid studies (and the seed)."""
     complete, _ = usable_runs(runs[runs["grid_cell"].astype(str) != ""], metric)
     if complete.empty:
         raise MixedCellError(f"no complete runs of grid {grid.name} to tabulate")
@@ -313,14 +347,25 @@ def grid_tables(runs: pd.DataFrame, grid: Grid, metric: str = "final_miou", alph
         if differing:
             raise MixedCellError(f"grid {grid.name} (design: controlled) has cells that differ in {differing}, "
                                  f"which are not switches it studies ({sorted(grid_switches)})")
+    return complete
+
+
+def grid_report(runs: pd.DataFrame, grid: Grid, metric: str = "final_miou", alpha: float = ALPHA,
+                power: float = POWER, effect: float = EFFECT, runs_dir: Path | None = None) -> GridReport:
+    """The cells and comparisons of a grid that declares comparisons, records matched to cells by
+    tracking.grid_cell, each comparison with its verdict: the ledger's in runs_dir, else the grid's plan
+    replayed over the records, else the fixed design (reports/sequential.py); and the plan's runs and hours."""
+    complete = _grid_records(runs, grid, metric)
     order = [name for name in grid.named_cells() if name in set(complete["grid_cell"])]
     order += sorted(set(complete["grid_cell"]) - set(order))
     groups = {name: complete[complete["grid_cell"] == name] for name in order}
     by_seed_of = {name: _by_seed(group, metric, name) for name, group in groups.items()}
+    grid_switches = grid.switches()
     switches = [field for field in SWITCH_LABELS if field in grid_switches and field in complete]
     switches += sorted(grid_switches & set(complete.columns) - set(switches))
     cells = pd.DataFrame([{"cell": name, **group.iloc[0][switches].to_dict(),
-                           **_cell_record({}, group, by_seed_of[name])} for name, group in groups.items()])
+                           **_cell_record({}, group, by_seed_of[name]), **cell_convergence(group)}
+                          for name, group in groups.items()])
     records = []
     for comparison in grid.comparisons:
         treatment, baseline = comparison["treatment"], comparison["baseline"]
@@ -329,7 +374,96 @@ def grid_tables(runs: pd.DataFrame, grid: Grid, metric: str = "final_miou", alph
             record |= _paired_statistics(by_seed_of[treatment], by_seed_of[baseline])
         records.append(record)
     comparisons = add_tests(pd.DataFrame(records), alpha, power, effect)
-    return cells, comparisons
+    return grid_verdicts(grid, complete, cells, comparisons, by_seed_of, metric, alpha, runs_dir)
+
+
+def grid_verdicts(grid: Grid, complete: pd.DataFrame, cells: pd.DataFrame, comparisons: pd.DataFrame,
+                  by_seed_of: dict[str, dict[int, float]], metric: str, alpha: float, runs_dir: Path | None) -> GridReport:
+    """The comparisons with their verdicts (the ledger's, the grid's plan replayed, or the fixed design's)
+    and the plan's runs and hours."""
+    seeded = with_cell_ids(grid, complete)
+    planned = plan_state(grid, seed_records(seeded, metric), runs_dir)
+    if planned is None:
+        verdicts = fixed_verdicts(_tested_differences(comparisons, by_seed_of), alpha)
+        plan, hours, source = None, None, SOURCE_FIXED
+    else:
+        state, source = planned
+        verdicts, plan, hours = planned_verdicts(state, source), state.grid.plan, runs_and_hours(state, seeded)
+    return GridReport(cells, with_verdicts(comparisons, verdicts, not_converged(cells)), hours, plan, source)
+
+
+def _tested_differences(comparisons: pd.DataFrame, by_seed_of: dict[str, dict[int, float]]
+                        ) -> dict[str, tuple[tuple[int, ...], np.ndarray]]:
+    """The rows with a test (in the Holm family): their paired seeds and differences treatment - baseline."""
+    tested = {}
+    for _, row in comparisons[comparisons["p_holm"].notna()].iterrows():
+        treatment, baseline = by_seed_of[row["treatment"]], by_seed_of[row["baseline"]]
+        seeds = tuple(sorted(set(treatment) & set(baseline)))
+        tested[row["comparison"]] = seeds, np.array([treatment[seed] - baseline[seed] for seed in seeds])
+    return tested
+
+
+def with_verdicts(comparisons: pd.DataFrame, verdicts: dict[str, Verdict], improving: set[str]) -> pd.DataFrame:
+    """The verdict columns: decision, n, seeds, stopped early, source, and the compared cells still improving."""
+    comparisons = comparisons.copy()
+    found = [verdicts.get(name) for name in comparisons["comparison"]]
+    decided = [verdict.decision if verdict else None for verdict in found]
+    comparisons["verdict"] = [decision.decision if decision else "" for decision in decided]
+    comparisons["verdict_n"] = pd.array([decision.n if decision else None for decision in decided], dtype="Int64")
+    comparisons["verdict_seeds"] = [seed_range(verdict.seeds) if verdict else "" for verdict in found]
+    comparisons["verdict_stopped_early"] = [bool(verdict and verdict.early) for verdict in found]
+    comparisons["verdict_source"] = [verdict.source if verdict else "" for verdict in found]
+    comparisons["verdict_margin"] = [verdict.margin if verdict else math.nan for verdict in found]
+    comparisons["not_converged"] = ["; ".join(cell for cell in (row["treatment"], row["baseline"]) if cell in improving)
+                                    for _, row in comparisons.iterrows()]
+    return comparisons
+
+
+# The convergence column: how much each cell still gained over the last quarter of training.
+
+CONVERGENCE_FROM = 0.75  # the gain runs from the last evaluation at or before this fraction of the iterations
+
+
+def val_curve(run_dir: Any) -> dict[int, float]:
+    """A run's val mIoU (points) by step from its metrics.jsonl; {} where there is none."""
+    path = Path(run_dir, "metrics.jsonl") if isinstance(run_dir, str) else None
+    if path is None or not path.is_file():
+        return {}
+    curve = {}
+    for line in path.read_text().splitlines():
+        event = json.loads(line) if "val/mIoU" in line else {}
+        if _finite(event.get("val/mIoU")):
+            curve[int(event["step"])] = 100.0 * event["val/mIoU"]
+    return curve
+
+
+def last_quarter_gain(run_dir: Any, iterations: Any) -> tuple[float, int, int]:
+    """val mIoU at the last evaluation minus at the last evaluation at or before 75% of the iterations (so the
+    span covers at least the last quarter), in points, with the two steps; NaN without such an evaluation."""
+    curve = val_curve(run_dir) if pd.notna(iterations) else {}
+    early = [step for step in curve if step <= CONVERGENCE_FROM * float(iterations)]
+    if not early or max(early) == max(curve):  # no evaluation before the last quarter, or none in it
+        return math.nan, -1, -1
+    start, last = max(early), max(curve)
+    return curve[last] - curve[start], start, last
+
+
+def cell_convergence(group: pd.DataFrame) -> dict[str, Any]:
+    """A cell's gain over the last quarter of training: mean and 95% t-interval over its seeds' runs, and the
+    span (the steps most of its runs measure it between)."""
+    run_dirs = group["run_dir"] if "run_dir" in group else pd.Series(None, index=group.index)
+    iterations = group["iterations"] if "iterations" in group else pd.Series(None, index=group.index)
+    measured = [last_quarter_gain(run_dir, total) for run_dir, total in zip(run_dirs, iterations)]
+    measured = [entry for entry in measured if math.isfinite(entry[0])]
+    interval = t_interval([gain for gain, _, _ in measured])
+    span = Counter((start, last) for _, start, last in measured).most_common(1)
+    return {"gain": interval.mean, "gain_low": interval.low, "gain_high": interval.high, "gain_n": interval.n,
+            "gain_span": f"{span[0][0][0]}→{span[0][0][1]}" if span else ""}
+
+
+def not_converged(cells: pd.DataFrame) -> set[str]:
+    """The cells still improving at the end of training: their gain's interval lies above 0."""
+    return set(cells.loc[cells["gain_low"] > 0, "cell"])
 
 
 def generic_table(runs: pd.DataFrame, rows: list[str], cols: list[str], metric: str = "final_miou") -> pd.DataFrame:
@@ -461,8 +595,18 @@ def presentable_cells(cells: pd.DataFrame) -> pd.DataFrame:
             values = values.where(applies, False)
         out[SWITCH_LABELS.get(column, column)] = [_flag(value) for value in values]
     _cell_columns(cells, out)
+    if "gain" in cells:
+        out["gain, last quarter [95% CI]"] = [_gain_text(row) for _, row in cells.iterrows()]
     _cost_columns(cells, out)
     return out
+
+
+def _gain_text(row: pd.Series) -> str:
+    if pd.isna(row["gain"]):
+        return ""
+    if pd.isna(row["gain_low"]):
+        return f"{row['gain']:+.2f} (one seed: no interval; iterations {row['gain_span']})"
+    return f"{row['gain']:+.2f} [{_number(row['gain_low'])}, {_number(row['gain_high'])}] (iterations {row['gain_span']})"
 
 
 def presentable_comparisons(comparisons: pd.DataFrame, alpha: float = ALPHA, power: float = POWER,
@@ -477,11 +621,81 @@ def presentable_comparisons(comparisons: pd.DataFrame, alpha: float = ALPHA, pow
     out["n pairs"] = [_number(value, 0) for value in comparisons["delta_n"]]
     out["p (exact, one-sided)"] = [_p_text(row, alpha, "p_value") for _, row in rows]
     out["p (Holm)"] = [_p_text(row, alpha) for _, row in rows]
+    if "verdict" in comparisons:
+        out["Verdict"] = [verdict_text(row, alpha) for _, row in rows]
     _test_columns(comparisons, out, "baseline", alpha, power, effect)
     return out
 
 
+def seed_range(seeds: Any) -> str:
+    """0-4, or 0, 2, 5 where they are not consecutive."""
+    seeds = sorted(seeds)
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(map(str, seeds))
+
+
+def verdict_text(row: pd.Series, alpha: float = ALPHA) -> str:
+    """'better at n = 8 (seeds 0-7)', 'equivalent (±1) at n = 8 (...)', 'futile, stopped at n = 4 (...)',
+    ', not converged' where a compared cell still improves; 'continue: n = 6 so far' mid-plan."""
+    if not row["verdict"]:  # a plan before its first look; a fixed-design row without a test or a Δ
+        return "no look yet" if row["verdict_source"] else "" if pd.isna(row.get("p_min")) else \
+            f"no test: {_p_text(row, alpha)}"
+    if row["verdict"] == CONTINUE:
+        return f"continue: n = {row['verdict_n']} so far (seeds {row['verdict_seeds']})"
+    text = row["verdict"] + (f" (±{row['verdict_margin']:g})" if row["verdict"] == EQUIVALENT else "")
+    text += ", not converged" if row["not_converged"] else ""
+    text += f", stopped at n = {row['verdict_n']}" if row["verdict_stopped_early"] else f" at n = {row['verdict_n']}"
+    return f"{text} (seeds {row['verdict_seeds']})"
+
+
+def verdict_note(report: GridReport) -> str:
+    """Where the Verdict column comes from and how to read it."""
+    plan = report.plan
+    if report.source == SOURCE_FIXED:
+        text = ("Verdict: the fixed design, one look at each row's n pairs (reports/sequential.py): Holm's step-down "
+                "over the rows with a test, so 'better' is p (Holm) at or below alpha; a row not better is 'worse' "
+                "or 'equivalent' (within ±1 point, two one-sided tests) at the level where the step-down stopped, "
+                "else 'inconclusive'.")
+    else:
+        where = ("the decisions the launchers took and recorded in the grid's ledger in the runs folder (each "
+                 "comparison's latest look; decided on each run's final_miou)" if report.source == SOURCE_LEDGER else
+                 "the grid's plan replayed over these records in seed order (a ledger, where the runs folder has "
+                 "one, holds the decisions on the runs' own final numbers)")
+        text = (f"Verdict: {where}; plan: looks {list(plan.looks)}, futility {'on' if plan.futility else 'off'}, "
+                f"efficacy {plan.efficacy}, alpha {plan.alpha:g} family-wise (Holm at the last look), equivalence "
+                f"margin ±{plan.margin:g} point (reports/sequential.py). n = k: the first k seeds of both cells; a "
+                "row may show more pairs than its verdict used (records beyond a stop), the verdict is still the plan's.")
+    text += (" 'not converged': the treatment or baseline cell still gained over the last quarter of training (the "
+             "cells table's gain interval lies above 0).")
+    if report.comparisons["verdict_stopped_early"].any():
+        text += (" A row stopped early ('stopped at n = k', before the plan's last look) has an estimate conditional "
+                 "on having stopped there: its Δ is biased away from 0.")
+    return text
+
+
+def presentable_hours(hours: pd.DataFrame) -> pd.DataFrame:
+    """The runs and hours table as text cells."""
+    return pd.DataFrame({"Cell": hours["cell"], "runs (plan)": hours["runs"].astype(int),
+                         "runs (fixed design)": hours["runs_fixed"].astype(int), "records": hours["records"].astype(int),
+                         "hours (plan)": [_number(value) for value in hours["hours"]],
+                         "hours saved": [_number(value) for value in hours["hours_saved"]]})
+
+
+def hours_note(report: GridReport) -> str:
+    source = "the ledger's decisions" if report.source == SOURCE_LEDGER else "the grid's plan replayed over the records"
+    return (f"Runs and training hours under the grid's plan ({source}): per named cell, the runs the plan made (its "
+            "seeds up to the look that stopped every comparison of the cell, else up to the last look taken), the "
+            "runs of the fixed design (every seed of every cell), the records in the runs folder, the training hours "
+            "of the plan's runs (each record's wall_time_s) and the hours saved (the cell's mean run time times the "
+            "runs saved).")
+
+
 CELL_NOTE = "mIoU in % over seeds (mean ± sample sd, n, 95% t-interval)."
+GAIN_NOTE = ("Gain, last quarter: each run's val mIoU (points) at its last evaluation minus at its last evaluation at "
+             "or before 75% of its iterations (so at least the last quarter; the iterations it spans in brackets; "
+             "metrics.jsonl), mean and 95% t-interval over seeds; an interval above 0: the cell was still improving. "
+             "Empty where the records have no evaluation before the last.")
 
 
 def table_note(table: pd.DataFrame, baseline: str, alpha: float, power: float, effect: float) -> str:

@@ -303,3 +303,161 @@ def test_the_grid_knows_its_file_its_varying_settings_and_its_named_cells(tmp_pa
     assert loaded.switches() == {"pam", "lr"}
     # positional construction (the fields before `path`) still works, without a file
     assert type(loaded)(loaded.name, loaded.preset, loaded.design, loaded.cells).path is None
+
+
+# The verdict column, the plan's runs and hours, and the convergence column (reports/sequential.py).
+
+PLANNED = {**CONTROLLED, "plan": {"looks": [4, 8], "futility": True, "efficacy": "none", "alpha": 0.05, "margin": 1.0}}
+
+
+def test_a_fixed_design_verdict_is_better_exactly_where_p_holm_is_at_most_alpha(tmp_path):
+    runs, grids, _ = controlled_grid(tmp_path)
+    out = tmp_path / "out"
+    assert make_tables.main(["--runs-dir", str(runs), "--out", str(out), "--grids-dir", str(grids), "--no-figures"]) == 0
+    comparisons = pd.read_csv(out / "comparisons.csv", keep_default_na=False)
+    better = comparisons["verdict"] == "better"
+    assert better.tolist() == (comparisons["p_holm"].astype(float) <= 0.05).tolist()
+    assert 0 < better.sum() < len(comparisons)  # the fabricated effects give both kinds of row
+    assert set(comparisons["verdict_source"]) == {"fixed design"} and set(comparisons["verdict_n"]) == {8}
+    assert set(comparisons["verdict_seeds"]) == {"0-7"} and not comparisons["verdict_stopped_early"].any()
+    markdown = (out / "comparisons.md").read_text()
+    assert "| better at n = 8 (seeds 0-7) |" in markdown
+    assert "Verdict: the fixed design, one look at each row's n pairs" in markdown
+    assert not (out / "plan.md").exists()  # no plan, no ledger: no runs and hours table
+    for name in ("comparisons.tex", "comparisons.csv"):
+        assert "better" in (out / name).read_text()
+
+
+def test_a_fixed_design_row_with_too_few_seeds_has_no_test_and_no_verdict(tmp_path):
+    runs, grids, _ = controlled_grid(tmp_path, seeds=3)
+    out = tmp_path / "out"
+    assert make_tables.main(["--runs-dir", str(runs), "--out", str(out), "--grids-dir", str(grids), "--no-figures"]) == 0
+    assert "| no test: too few seeds (n=3) |" in (out / "comparisons.md").read_text()
+
+
+def set_wall_times(runs, seconds_of):
+    """Give each record its own wall_time_s (seconds_of(cell, seed))."""
+    for summary_path in runs.glob("*/summary.json"):
+        cell, seed = summary_path.parent.name.rsplit("_s", 1)
+        summary = json.loads(summary_path.read_text())
+        summary["wall_time_s"] = seconds_of(cell, int(seed))
+        summary_path.write_text(json.dumps(summary))
+
+
+def write_ledger(runs, grids):
+    """The ledger a launcher would have kept over these records (every look decided from them)."""
+    from danet.grids import load_grid
+    from danet.launch.ledger import PlanState, SeedRecord, append_entries, ledger_path, summary_sha256, take_looks
+
+    grid = load_grid("camvid_cpu_controlled", grids)
+    records = {}
+    for name, order in grid.seeds_in_order().items():
+        for seed, cell_id in order:
+            summary = runs / f"{name}_s{seed}" / "summary.json"
+            value = 100 * json.loads(summary.read_text())["final_miou"]
+            records[cell_id] = SeedRecord(value, f"{name}_s{seed}", summary_sha256(summary))
+    entries = take_looks(grid, PlanState(grid), records)
+    append_entries(ledger_path(runs, grid.name), entries)
+    return entries
+
+
+def test_a_planned_grid_takes_its_verdicts_from_the_ledger_and_marks_a_row_stopped_for_futility(tmp_path, capsys):
+    runs, grids, _ = controlled_grid(tmp_path, grid=PLANNED)  # FCN head 1 point below the DANet head: futile at 4
+    set_wall_times(runs, lambda cell, seed: 600.0 + 60 * seed)
+    entries = write_ledger(runs, grids)
+    assert {(entry["comparison"], entry["result"]["decision"]) for entry in entries if entry["look"] == 0} >= \
+        {("FCN head vs DANet head", "futile")}
+    out = tmp_path / "out"
+    assert make_tables.main(["--runs-dir", str(runs), "--out", str(out), "--grids-dir", str(grids), "--no-figures"]) == 0
+    comparisons = pd.read_csv(out / "comparisons.csv", keep_default_na=False).set_index("comparison")
+    fcn = comparisons.loc["FCN head vs DANet head"]
+    assert (fcn["verdict"], fcn["verdict_n"], fcn["verdict_seeds"], fcn["verdict_source"]) == ("futile", 4, "0-3", "ledger")
+    assert fcn["verdict_stopped_early"] and fcn["delta_n"] == 8  # the table shows all 8 pairs; the plan used 4
+    latest = {entry["comparison"]: entry["result"]["decision"] for entry in entries}
+    assert comparisons["verdict"].to_dict() == latest
+    markdown = (out / "comparisons.md").read_text()
+    assert "| futile, stopped at n = 4 (seeds 0-3) |" in markdown
+    assert "recorded in the grid's ledger" in markdown and "biased away from 0" in markdown
+    hours = pd.read_csv(out / "plan.csv").set_index("cell")
+    assert hours.loc["fcn-head", ["runs", "runs_fixed", "records"]].tolist() == [4, 8, 8]
+    assert hours.loc["fcn-head", "hours"] == pytest.approx((600 * 4 + 60 * 6) / 3600, rel=1e-5)
+    assert hours.loc["fcn-head", "hours_saved"] == pytest.approx((600 + 60 * 3.5) * 4 / 3600, rel=1e-5)
+    assert hours.loc["danet-head", ["runs", "hours_saved"]].tolist() == [8, 0]
+    cells = hours.drop(index="total")
+    assert hours.loc["total"].tolist() == pytest.approx(cells.sum().tolist(), rel=1e-5)
+    assert hours.loc["total", ["runs", "runs_fixed"]].tolist() == [36, 40]
+    assert "| total | 36 | 40 | 40 |" in (out / "plan.md").read_text()
+    assert "### Runs and hours of the plan (`plan.md`" in (out / "README.md").read_text()
+    summary = runs / "pam-cam_s1" / "summary.json"  # a record a decision used, changed afterwards
+    summary.write_text(summary.read_text().replace('"wall_time_s"', '"wall_time_s" ', 1))
+    assert make_tables.main(["--runs-dir", str(runs), "--out", str(out), "--grids-dir", str(grids), "--no-figures"]) == 2
+    assert "changed after look" in capsys.readouterr().err
+
+
+def test_without_a_ledger_a_planned_grid_replays_its_plan_over_the_records(tmp_path):
+    runs, grids, _ = controlled_grid(tmp_path, grid=PLANNED)
+    entries = write_ledger(runs, tmp_path / "grids")  # the decisions a launcher would have taken ...
+    (runs / "camvid_cpu_controlled.ledger.jsonl").unlink()  # ... and no ledger
+    out = tmp_path / "out"
+    assert make_tables.main(["--runs-dir", str(runs), "--out", str(out), "--grids-dir", str(grids), "--no-figures"]) == 0
+    comparisons = pd.read_csv(out / "comparisons.csv", keep_default_na=False).set_index("comparison")
+    assert comparisons["verdict"].to_dict() == {entry["comparison"]: entry["result"]["decision"] for entry in entries}
+    assert set(comparisons["verdict_source"]) == {"replay"}
+    assert "the grid's plan replayed over these records" in (out / "comparisons.md").read_text()
+
+
+def write_curve(run_dir, gain):
+    """A metrics.jsonl of four validations at 25, 50, 75 and 100% of the run's iterations (its summary's);
+    the last `gain` points (fraction / 100) above the one at 75%."""
+    iterations = 300
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").write_text(json.dumps(summary | {"iterations": iterations}))
+    final = summary["final_miou"]
+    values = [final - 0.1, final - 0.05, final - gain / 100, final]
+    (run_dir / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": iterations * quarter // 4, "val/mIoU": value}) + "\n"
+        for quarter, value in zip(range(1, 5), values)))
+
+
+def test_the_convergence_column_and_a_verdict_whose_cell_is_still_improving(tmp_path):
+    runs, grids, _ = controlled_grid(tmp_path)
+    for run_dir in runs.iterdir():
+        cell, seed = run_dir.name.rsplit("_s", 1)
+        write_curve(run_dir, 2.0 + 0.2 * int(seed) if cell == "pam-cam" else 0.1 * (-1) ** int(seed))
+    for seed in range(8):
+        (runs / f"fcn-head_s{seed}" / "metrics.jsonl").unlink()  # records without curves
+    out = tmp_path / "out"
+    assert make_tables.main(["--runs-dir", str(runs), "--out", str(out), "--grids-dir", str(grids), "--no-figures"]) == 0
+    cells = pd.read_csv(out / "cells.csv").set_index("cell")
+    assert cells.loc["pam-cam", "gain"] == pytest.approx(2.7, rel=1e-5) and cells.loc["pam-cam", "gain_low"] > 0
+    assert cells.loc["danet-head", "gain"] == pytest.approx(0.0, abs=1e-9) and cells.loc["danet-head", "gain_low"] < 0
+    assert cells.loc["fcn-head", "gain_n"] == 0 and pd.isna(cells.loc["fcn-head", "gain"])
+    cells_md = (out / "cells.md").read_text()
+    assert "gain, last quarter [95% CI]" in cells_md and "| pam-cam | danet | yes | yes |  |  | " in cells_md
+    assert "| 8 | [" in cells_md and " | +2.70 [" in cells_md
+    fcn_row = next(line for line in cells_md.splitlines() if line.startswith("| fcn-head |"))
+    assert fcn_row.split(" | ")[9] == ""  # the gain column of records without curves
+    comparisons = pd.read_csv(out / "comparisons.csv", keep_default_na=False).set_index("comparison")
+    assert comparisons["not_converged"].to_dict() == {
+        "attention without deep supervision": "pam-cam", "attention with deep supervision": "",
+        "deep supervision without attention": "", "FCN head vs DANet head": ""}
+    markdown = (out / "comparisons.md").read_text()
+    row = next(line for line in markdown.splitlines() if line.startswith("| attention without deep supervision |"))
+    assert ", not converged at n = 8 (seeds 0-7)" in row
+    assert markdown.count("not converged at") == 1
+
+
+def test_the_gain_runs_from_the_last_evaluation_at_or_before_three_quarters(tmp_path):
+    from reports.tables import last_quarter_gain
+
+    run = tmp_path / "run"
+    run.mkdir()
+    events = [{"step": 50, "val/mIoU": 0.30}, {"step": 100, "val/mIoU": 0.35}, {"step": 100, "val/mIoU": 0.36},
+              {"step": 10, "train/loss": 1.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(event) + "\n" for event in events))
+    gain, start, last = last_quarter_gain(str(run), 100)  # 75: the evaluation at 50; a step's last value counts
+    assert (gain, start, last) == (pytest.approx(6.0), 50, 100)
+    assert last_quarter_gain(str(run), 120)[0] == pytest.approx(6.0)  # 90: still the evaluation at 50
+    assert pd.isna(last_quarter_gain(str(run), 140)[0])  # 105: the last evaluation is before the last quarter
+    assert pd.isna(last_quarter_gain(str(run), 60)[0])  # 45: no evaluation at or before it
+    assert pd.isna(last_quarter_gain(str(tmp_path / "none"), 100)[0]) and pd.isna(last_quarter_gain(None, 100)[0])

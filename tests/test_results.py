@@ -3,7 +3,8 @@
 cell, and each committed table (the CPU grids, the GPU check, the controlled grid under both test
 protocols, the synthetic positive control) and each folder's results page (README.md) is what the
 report command (reports/controls.py for results/controls) rebuilds from its records and the
-folder's hand-written about.md and reading.md."""
+folder's hand-written about.md and reading.md; each published replay of a plan (reports/plan.py
+--replay) is what that command writes from the records."""
 
 import json
 import re
@@ -21,6 +22,7 @@ from tests.conftest import GRIDS, load_script, resolve
 
 make_tables = load_script("reports/make_tables.py")
 controls = load_script("reports/controls.py")
+plan_script = load_script("reports/plan.py")
 
 CAMVID = (11, 367)  # classes, training images
 SYNTHETIC = (5, 2048)  # the synthetic training set's default size
@@ -59,9 +61,9 @@ def test_controlled_records_carry_their_grid_and_their_test_time_augmentation():
 PUBLISHED = [  # results folder, extra make_tables arguments, the tables it holds
     ("camvid_cpu", [], ["table1"]),
     ("camvid_gpu", [], ["table1"]),
-    ("camvid_cpu_controlled", [], ["cells", "comparisons"]),
+    ("camvid_cpu_controlled", [], ["cells", "comparisons", "plan"]),
     ("camvid_cpu_controlled", ["--protocol", "ms0.75-1-1.25-flip"],
-     ["cells-ms0.75-1-1.25-flip", "comparisons-ms0.75-1-1.25-flip"]),
+     ["cells-ms0.75-1-1.25-flip", "comparisons-ms0.75-1-1.25-flip", "plan-ms0.75-1-1.25-flip"]),
     ("synthetic", [], ["cells", "comparisons"]),
 ]
 
@@ -88,6 +90,20 @@ def test_published_tables_and_pages_rebuild_from_the_committed_records(folder, a
         for name in (f"{table}.md", f"{table}.tex"):
             assert (tmp_path / name).read_text() == (results / name).read_text(), name
     assert (tmp_path / "README.md").read_text() == (results / "README.md").read_text()
+
+
+REPLAYS = [  # results folder, reports/plan.py --replay arguments (besides --runs-dir and --csv), the csv it holds
+    ("camvid_cpu_controlled", ["--grid", "camvid_cpu_controlled", "--looks", "4,6,8", "--futility"], "replay-4-6-8.csv"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder, arguments, name", REPLAYS, ids=[name for _, _, name in REPLAYS])
+def test_published_replays_rebuild_from_the_committed_records(folder, arguments, name, tmp_path):
+    results = RESULTS_DIR / folder
+    assert plan_script.main(["--replay", "--runs-dir", str(results / "runs"), *arguments,
+                             "--csv", str(tmp_path / name)]) == 0
+    assert (tmp_path / name).read_text() == (results / name).read_text()
 
 
 @pytest.mark.slow

@@ -95,24 +95,25 @@ def test_audit_rows_come_from_the_same_decision_rule():
     assert fixed.expected_seeds_null == 8 and 4 <= sequential.expected_seeds_null < 8
 
 
-def _grid_with_plan(tmp_path, plan):
+def _grid_with_plan(tmp_path, plan, seeds=(0, 1)):
     from tests.conftest import write_grid
 
     comparisons = [{"name": "pam vs fcn", "treatment": "pam", "baseline": "fcn"},
                    {"name": "cam vs fcn", "treatment": "cam", "baseline": "fcn"}]
     return write_grid(tmp_path / "planned.yaml", {"fcn": {"pam": False, "cam": False}, "pam": {"pam": True, "cam": False},
-                                                  "cam": {"pam": False, "cam": True}}, seeds=(0, 1),
+                                                  "cam": {"pam": False, "cam": True}}, seeds=seeds,
                       comparisons=comparisons, **({"plan": plan} if plan else {}))
 
 
 def test_a_grid_carries_its_plan_and_its_cells_keep_their_identity(tmp_path):
     from danet.grids import load_grid
 
-    planned = load_grid(str(_grid_with_plan(tmp_path, {"looks": [6, 9, 12], "futility": True, "margin": 1.0})), tmp_path)
+    plan = {"looks": [6, 9, 12], "futility": True, "margin": 1.0}  # a planned grid gives its cells the last look's seeds
+    planned = load_grid(str(_grid_with_plan(tmp_path, plan, seeds=tuple(range(12)))), tmp_path)
     assert planned.plan == Plan((6, 9, 12), futility=True, efficacy="none", alpha=0.05, margin=1.0)
     assert planned.plan.for_rows(len(planned.comparisons)).levels() == (0.0, 0.0, 0.025)
     (tmp_path / "plain").mkdir()
-    plain = load_grid(str(_grid_with_plan(tmp_path / "plain", None)), tmp_path)
+    plain = load_grid(str(_grid_with_plan(tmp_path / "plain", None, seeds=tuple(range(12)))), tmp_path)
     assert plain.plan is None and plain.cells == planned.cells
 
 
@@ -132,3 +133,49 @@ def test_a_grid_whose_plan_cannot_work_is_one_line_and_exit_2(tmp_path, plan, me
         load_grid(str(grid), tmp_path)
     assert run_cli(["--grid", str(grid), "--cell", "pam_seed=0", "--print-config"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def _replayable(tmp_path):
+    """A grid of three cells over seeds 0-7 and its records: pam 2 points above fcn, cam 1 point below."""
+    from tests.conftest import write_grid, write_run
+
+    cells = {"fcn": {"pam": False, "cam": False}, "pam": {"pam": True, "cam": False}, "cam": {"pam": False, "cam": True}}
+    comparisons = [{"name": "pam vs fcn", "treatment": "pam", "baseline": "fcn"},
+                   {"name": "cam vs fcn", "treatment": "cam", "baseline": "fcn"}]
+    write_grid(tmp_path / "replayed.yaml", cells, seeds=tuple(range(8)), comparisons=comparisons)
+    rng = np.random.default_rng(0)
+    shift = {"fcn": 0.0, "pam": 0.02, "cam": -0.01}
+    for seed in range(8):
+        base = 0.40 + rng.normal(0, 0.005)
+        for name, switches in cells.items():
+            write_run(tmp_path / "runs", f"{name}_s{seed}", base + shift[name] + rng.normal(0, 0.002), seed=seed,
+                      grid="replayed", grid_cell=name, design="as-released", **switches)
+    return ["--replay", "--runs-dir", str(tmp_path / "runs"), "--grid", "replayed", "--grids-dir", str(tmp_path)]
+
+
+def test_a_replay_says_where_each_comparison_would_have_stopped_and_the_hours_saved(tmp_path, capsys):
+    arguments = _replayable(tmp_path)
+    assert plan_script.main([*arguments, "--looks", "4,6,8", "--futility", "--csv", str(tmp_path / "replay.csv")]) == 0
+    printed = capsys.readouterr().out
+    assert "- cam vs fcn: futile, stopped at n = 4 (seeds 0-3)" in printed
+    assert "- pam vs fcn: better at n = 8 (seeds 0-7)" in printed
+    assert "Runs: 20 of the fixed design's 24; training hours: 3.33 for the plan's runs, 0.67 saved" in printed
+    assert (tmp_path / "replay.csv").read_text() == ("comparison,stopped_at,decision\n"
+                                                     "pam vs fcn,8,better\n"
+                                                     "cam vs fcn,4,futile\n"
+                                                     "total,20/24,0.67\n")
+    assert not list((tmp_path / "runs").glob("*.ledger.jsonl"))  # a replay writes no ledger
+    assert plan_script.main([*arguments, "--looks", "8", "--csv", str(tmp_path / "fixed.csv")]) == 0
+    assert (tmp_path / "fixed.csv").read_text().splitlines()[1:] == ["pam vs fcn,8,better", "cam vs fcn,8,worse",
+                                                                     "total,24/24,0.00"]
+
+
+@pytest.mark.parametrize("looks, extra, message", [
+    ("4,6,8", ["--efficacy", "spending"], "look at 4 seeds: its efficacy level 0.0125 is below 2^-4"),
+    ("4,8,12", [], "the last look needs 12 seeds per cell; cell pam has 8"),
+    ("8,4", [], "increasing"),
+])
+def test_a_replay_of_a_plan_that_cannot_work_is_one_line_and_exit_2(tmp_path, capsys, looks, extra, message):
+    assert plan_script.main([*_replayable(tmp_path), "--looks", looks, *extra]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and message in error
