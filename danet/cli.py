@@ -19,7 +19,7 @@ from typing import Any
 from danet.config import EXIT_FAILED, EXIT_OK, EXIT_USAGE, RunConfig, UsageError, dump_yaml
 from danet.console import stderr_console
 from danet.grids import Evaluation, load_grid
-from danet.launch.contract import build_parser, config_from_args, preset_for_help, stopped_by_plan
+from danet.launch.contract import build_parser, config_from_args, plan_state, preset_for_help
 from danet.launch.ledger import LedgerError
 from danet.paths import PRESET_DIR, REPORTS_SCRIPT
 
@@ -60,16 +60,20 @@ def main(argv: list[str] | None = None, preset_dir: Path | None = None) -> int:
             return EXIT_USAGE
         return EXIT_OK
 
+    # the grid's plan: a cell it stopped is not trained. Only a lone process takes looks: the ranks of a torchrun
+    # read the ledger, and a dry run writes nothing
+    alone = int(os.environ.get("WORLD_SIZE", 1)) == 1
     try:
-        stopped = stopped_by_plan(args, preset_dir, dict(os.environ))
+        state = None if vars(args).get("tracking.ignore_plan") else \
+            plan_state(args, preset_dir, dict(os.environ), decide=alone and not args.dry_run)
     except UsageError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except LedgerError as error:
         print(f"{prog}: {error}", file=sys.stderr)
         return EXIT_FAILED
-    if stopped:
-        print(f"{args.cell}: not trained: {stopped}; --ignore-plan trains it anyway", file=sys.stderr)
+    if state is not None and args.cell in (stopped := state.stopped_cell_ids()):
+        print(f"{args.cell}: not trained: {stopped[args.cell]}; --ignore-plan trains it anyway", file=sys.stderr)
         return EXIT_OK
 
     from danet import data as datasets  # torch and the models: only once a run is asked for
@@ -92,13 +96,13 @@ def main(argv: list[str] | None = None, preset_dir: Path | None = None) -> int:
         return usage_error(runner.one_line(error))
     evaluations = load_grid(args.grid, preset_dir.parent / "grids").evaluations if args.grid else []
     try:
-        return _run_and_report(args, prepared, context, prog, usage_error, evaluations)
+        return _run_and_report(args, prepared, context, prog, usage_error, evaluations, preset_dir)
     finally:
         distributed.stop()
 
 
 def _run_and_report(args: argparse.Namespace, prepared, context, prog: str, usage_error,
-                    evaluations: list[Evaluation]) -> int:
+                    evaluations: list[Evaluation], preset_dir: Path) -> int:
     from danet import runner
     from danet.evaluation import run_grid_evaluations
     from danet.tracking import STATUS_COMPLETE, RunStore
@@ -129,4 +133,10 @@ def _run_and_report(args: argparse.Namespace, prepared, context, prog: str, usag
     # the grid's test protocols for this cell, as the Optuna driver runs them (a skipped one is said, not fatal)
     run_grid_evaluations(outcome.run_dir, cfg.tracking.grid_cell, evaluations,
                          lambda line: console.print(line, markup=False, soft_wrap=True))
+    if outcome.status == STATUS_COMPLETE and args.grid:  # the look this record may complete (runs one by one)
+        try:
+            plan_state(args, preset_dir, dict(os.environ))
+        except LedgerError as error:
+            print(f"{prog}: {error}", file=sys.stderr)
+            return EXIT_FAILED
     return EXIT_OK

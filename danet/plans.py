@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from danet.exact_tests import sign_flip_p_values
+from danet.exact_tests import sign_flip_p_values, smallest_p_value
 
 TOLERANCE = 1e-12  # as the exact test: a p equal to the boundary rejects
 
@@ -48,9 +48,10 @@ class Plan:
         if not 0 < self.alpha < 1:
             raise PlanError(f"alpha {self.alpha}: between 0 and 1")
         for n, level in zip(looks, self.levels()):
-            if level and level < 2.0 ** -n:
-                smallest = next(m for m in range(1, 64) if 2.0 ** -m <= level)
-                raise PlanError(f"look at {n} seeds: its efficacy level {level:.4g} is below 2^-{n} = {2.0 ** -n:.4g}, "
+            if level and level < smallest_p_value(n):
+                smallest = next(m for m in range(1, 64) if smallest_p_value(m) <= level)
+                raise PlanError(f"look at {n} seeds: its efficacy level {level:.4g} is below 2^-{n} = "
+                                f"{smallest_p_value(n):.4g}, "
                                 f"the smallest p the exact test reaches with {n} seeds; a look meant for efficacy at "
                                 f"this level needs at least {smallest} seeds")
 
@@ -144,7 +145,8 @@ def decide_look(plan: Plan, index: int, differences: dict[str, np.ndarray], rows
                 decision = EQUIVALENT
             elif plan.futility and d.mean() <= 0:
                 decision = FUTILE
-            decisions[name] = LookDecision(decision, n, float(d.mean()), p_better, p_worse, p_equivalent, row_level)
+            decisions[name] = LookDecision(decision, len(d), float(d.mean()), p_better, p_worse, p_equivalent,
+                                           row_level)
         return decisions
     order = sorted(tested, key=lambda name: tested[name][1])
     rejected = 0
@@ -157,5 +159,5 @@ def decide_look(plan: Plan, index: int, differences: dict[str, np.ndarray], rows
         row_level = level / (rows - min(rank, rejected))
         decision = BETTER if rank < rejected else WORSE if p_worse <= row_level + TOLERANCE else \
             EQUIVALENT if p_equivalent <= row_level + TOLERANCE else INCONCLUSIVE
-        decisions[name] = LookDecision(decision, n, float(d.mean()), p_better, p_worse, p_equivalent, row_level)
+        decisions[name] = LookDecision(decision, len(d), float(d.mean()), p_better, p_worse, p_equivalent, row_level)
     return decisions

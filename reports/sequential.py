@@ -6,7 +6,10 @@ order) are looked at after `looks` = (n_1, ..., n_K) seeds. At each look the one
 test of mean(d) > 0 (`reports.stats.sign_flip_p_values`) is compared with that look's efficacy level;
 p at or below it stops the comparison as "better". Otherwise, with `futility`, a mean difference at or
 below 0 at an interim look stops it as "futile". At the last look a comparison that is not better is
-not rejected.
+not rejected. This is the "better" side of what a grid's look decides (danet.plans.decide_look, which
+also stops for "worse" and "equivalent" at the same levels): those stops never reject "better", so the
+audit's false-positive rate holds for the enforced plan too; with efficacy `spending` they can end a
+comparison early, so the enforced plan's power and expected seeds can differ from the audit's.
 
 Efficacy levels: `none` tests only at the last look, at `alpha` (with futility this is the fixed design
 plus stops that can only lower the false-positive rate: a futility stop never rejects, so it is
@@ -18,7 +21,8 @@ stop: such a plan is refused rather than run.
 
 `audit` computes the plan's false-positive rate exactly: under no effect, with the magnitudes |d_i|
 fixed, the 2^N sign patterns are equally likely, so the rate is the share of patterns the plan rejects;
-it is taken as the worst case over several magnitude sets (distinct, tied, geometric and random ones).
+it is taken as the worst case over the magnitude sets tried (distinct, tied, geometric and random ones),
+not a bound over all of them.
 Power and expected seeds come from normal draws.
 
 A grid's verdicts (the comparisons table's Verdict column) and the runs and hours its plan took come

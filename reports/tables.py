@@ -670,7 +670,7 @@ def verdict_note(report: GridReport) -> str:
              "cells table's gain interval lies above 0).")
     if report.comparisons["verdict_stopped_early"].any():
         text += (" A row stopped early ('stopped at n = k', before the plan's last look) has an estimate conditional "
-                 "on having stopped there: its Δ is biased away from 0.")
+                 "on having stopped there: an efficacy stop overstates |Δ|, a futility stop was selected for Δ <= 0.")
     return text
 
 

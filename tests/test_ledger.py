@@ -12,7 +12,7 @@ import yaml
 
 from danet.grids import load_grid
 from danet.launch.contract import cell_argv, sweep_for_grid, target_of
-from danet.launch.ledger import LedgerError, advance, current_state, ledger_path, read_ledger
+from danet.launch.ledger import LedgerError, advance, ledger_path, read_ledger, replay
 from danet.plans import BETTER, CONTINUE, EQUIVALENT, FUTILE, INCONCLUSIVE, WORSE, Plan, decide_look
 from tests.conftest import REPO, tiny_flags, write_grid
 
@@ -131,7 +131,7 @@ def test_a_ledger_is_kept_to_its_plan_and_survives_a_torn_last_line(tmp_path):
     path = ledger_path(runs, grid.name)
     with open(path, "a") as ledger:
         ledger.write('{"grid": "planned", "look": 1, "compar')  # a writer killed mid-line
-    assert current_state(grid, runs).looks_taken == 1
+    assert replay(grid, read_ledger(ledger_path(runs, grid.name))).looks_taken == 1
     for cell, miou in {"a_seed=2": 0.50, "b_seed=2": 0.57}.items():
         _fabricate(runs, grid_path, cell, miou, flags)
     advance(grid, runs, hashes)
@@ -139,6 +139,21 @@ def test_a_ledger_is_kept_to_its_plan_and_survives_a_torn_last_line(tmp_path):
     edited = _planned_grid(tmp_path, margin=2.0)
     with pytest.raises(LedgerError, match="another plan"):
         advance(load_grid(str(edited), REPO), runs, hashes)
+
+
+def test_a_look_left_half_written_is_decided_again_to_the_same_decisions(tmp_path):
+    grid_path, runs = _planned_grid(tmp_path), tmp_path / "runs"
+    flags = tiny_flags(runs)
+    grid, hashes = load_grid(str(grid_path), REPO), _hashes(grid_path, flags)
+    for cell, miou in ROUND_1.items():
+        _fabricate(runs, grid_path, cell, miou, flags)
+    whole = advance(grid, runs, hashes).decisions
+    path = ledger_path(runs, grid.name)
+    path.write_text(path.read_text().splitlines(keepends=True)[0])  # the writer died after the first comparison
+    assert replay(grid, read_ledger(path)).looks_taken == 0
+    again = advance(grid, runs, hashes)
+    assert again.looks_taken == 1 and again.decisions == whole
+    assert [(e["look"], e["comparison"]) for e in read_ledger(path)] == [(0, "b vs a"), (0, "b vs a"), (0, "A/A")]
 
 
 def test_a_plan_whose_seeds_do_not_match_its_looks_is_refused_in_one_line(tmp_path):
@@ -177,7 +192,8 @@ def test_the_optuna_driver_runs_rounds_restarts_between_looks_and_stops_on_a_los
     entries = read_ledger(ledger_path(runs, "planned"))
     looks = [(e["look"], e["comparison"]) for e in entries]
     assert len(looks) == len(set(looks)) and looks[:2] == [(0, "b vs a"), (0, "A/A")]
-    state = current_state(load_grid(str(grid_path), REPO), runs)
+    grid = load_grid(str(grid_path), REPO)
+    state = replay(grid, read_ledger(ledger_path(runs, grid.name)))
     stopped = state.stopped_cell_ids()
     assert _trained(runs) == {"c_seed=0", "c_seed=1", "a_seed=2", "b_seed=2", "c_seed=2"} - set(stopped)
     expected = "cells complete, 1 stopped by its plan" if stopped else "9/9 cells complete"
@@ -212,3 +228,19 @@ def test_the_yaml_executor_and_run_py_respect_the_plan(tmp_path):
     record, = [path.parent for path in runs.glob("*/metrics.jsonl")
                if yaml.safe_load((path.parent / "config.yaml").read_text())["train"].get("seed_offset") == 100]
     assert yaml.safe_load((record / "config.yaml").read_text())["tracking"]["ignore_plan"] is True
+
+
+@pytest.mark.slow
+def test_a_round_whose_look_cannot_be_taken_ends_the_driver_naming_the_cell(tmp_path):
+    """A cell given up (its run fails every time) leaves its round without a look: the driver says so and
+    exits 1 instead of waiting for a look that cannot come."""
+    grid_path = write_grid(tmp_path / "broken.yaml", {"a": {"pam": False, "cam": False},
+                                                      "b": {"pam": False, "cam": False, "lr": 1e30}}, (0, 1),
+                           comparisons=[{"name": "b vs a", "treatment": "b", "baseline": "a"}],
+                           plan={"looks": [1, 2], "futility": True, "alpha": 0.5})
+    runs = tmp_path / "runs"
+    driver = _run(REPO / "sweeps" / "optuna_study.py", "--grid", grid_path, "--study", "broken", "--",
+                  *tiny_flags(runs), cwd=tmp_path)
+    assert driver.returncode == 1, driver.stderr[-3000:]
+    assert "grid broken: 1/4 cells complete" in driver.stderr and "b_seed=0" in driver.stderr
+    assert "0 of 2 looks taken" in driver.stderr and not ledger_path(runs, "broken").exists()

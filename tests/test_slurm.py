@@ -233,7 +233,7 @@ def test_a_cell_that_always_fails_is_given_up_after_its_requeues_and_the_rest_co
 def test_a_planned_grid_runs_in_rounds_of_arrays_each_followed_by_its_look_job(tmp_path, slurm_cluster):
     from danet.grids import load_grid
     from danet.launch.contract import cell_argv, target_of
-    from danet.launch.ledger import current_state, ledger_path, read_ledger
+    from danet.launch.ledger import ledger_path, read_ledger, replay
     from danet.tracking import complete_runs
 
     grid_path = _planned_grid(tmp_path / "seqplan.yaml")
@@ -268,8 +268,8 @@ def test_a_planned_grid_runs_in_rounds_of_arrays_each_followed_by_its_look_job(t
     grid = load_grid(str(grid_path), tmp_path)
     hashes = {cell: target_of(cell_argv(str(grid_path), cell, tiny_flags(runs))).cell_hash for cell in grid.cells}
     complete = complete_runs(runs)
-    stopped = current_state(grid, runs).stopped_cell_ids()
-    assert current_state(grid, runs).next_look() is None  # the plan is done
+    stopped = replay(grid, read_ledger(ledger_path(runs, grid.name))).stopped_cell_ids()
+    assert replay(grid, read_ledger(ledger_path(runs, grid.name))).next_look() is None  # the plan is done
     for cell, cell_hash in hashes.items():  # every cell is complete or stopped by the plan, never both
         assert (cell_hash in complete) != (cell in stopped), cell
     # round 2 ran seed index 2 of exactly the cells of a comparison that went on

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 from danet.config import SECTIONS, RunConfig, UsageError, find_yaml, load_yaml, resolve_for_dataset, resolve_run_config
 from danet.data.catalog import CLASS_COUNTS, DataError, train_images
 from danet.grids import grid_cell, load_grid
-from danet.launch.ledger import advance
+from danet.launch.ledger import PlanState, advance
 from danet.paths import GRID_DIR, PRESET_DIR, RUN_SCRIPT
 
 DEFAULT_PRESET = "demo"
@@ -172,12 +172,12 @@ def config_from_args(args: argparse.Namespace, preset_dir: Path = PRESET_DIR,
     return resolve_run_config(preset, explicit_settings(args), preset_dir, environment, cell)
 
 
-def stopped_by_plan(args: argparse.Namespace, preset_dir: Path = PRESET_DIR,
-                    environment: dict[str, str] | None = None) -> str | None:
-    """Why the grid's sequential plan has stopped this run's cell (None: it runs). Takes the looks that are
-    ready first (danet.launch.ledger.advance), so that runs launched one by one (a `wandb agent`, an old Slurm
-    array, a person) decide looks too."""
-    if not (args.grid and args.cell) or vars(args).get("tracking.ignore_plan"):
+def plan_state(args: argparse.Namespace, preset_dir: Path = PRESET_DIR, environment: dict[str, str] | None = None,
+               decide: bool = True) -> PlanState | None:
+    """Where the sequential plan of this run's grid stands (None: no grid, or no plan), from its ledger in the
+    run's records folder. With `decide`, the looks that are ready are taken first (danet.launch.ledger.advance),
+    so that runs launched one by one (a `wandb agent`, an old Slurm array, a person) take looks too."""
+    if not (args.grid and args.cell):
         return None
     grid = load_grid(args.grid, preset_dir.parent / "grids")
     if grid.plan is None:
@@ -187,7 +187,7 @@ def stopped_by_plan(args: argparse.Namespace, preset_dir: Path = PRESET_DIR,
                                                           preset_dir, environment), world_size).cell_hash()
               for cell in grid.cells}
     runs_dir = Path(config_from_args(args, preset_dir, environment).tracking.runs_dir)
-    return advance(grid, runs_dir, hashes).stopped_cell_ids().get(args.cell)
+    return advance(grid, runs_dir, hashes, write=decide)
 
 
 def parse_run_args(argv: Sequence[str]) -> argparse.Namespace:

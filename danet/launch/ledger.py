@@ -89,19 +89,20 @@ class PlanState:
         return self.looks_taken if live and self.looks_taken < len(self.grid.plan.looks) else None
 
     def round_cells(self) -> list[str]:
-        """The cell ids of the round before the next look: the seeds after the previous look up to it, of
-        every named cell still running; after the last look, the seeds left of cells in no comparison."""
+        """The cell ids of the round before the next look: the seeds after the previous look up to it, of every
+        named cell still running; a cell in no comparison runs all of its seeds in the first round. Empty once
+        the plan is done."""
         index = self.next_look()
-        looks = self.grid.plan.looks
+        if index is None:
+            return []
+        looks, stopped = self.grid.plan.looks, self.stopped_cells()
         start = looks[index - 1] if index else 0
-        stopped = self.stopped_cells()
         cells = []
         for name, seeds in self.grid.seeds_in_order().items():
-            compared = bool(self.comparisons_of(name))
-            if name in stopped or (index is None and compared):
-                continue
-            end = looks[index] if index is not None and compared else len(seeds)
-            cells += [cell_id for _, cell_id in seeds[(start if index is not None else 0):end]]
+            if not self.comparisons_of(name):
+                cells += [cell_id for _, cell_id in seeds] if index == 0 else []
+            elif name not in stopped:
+                cells += [cell_id for _, cell_id in seeds[start:looks[index]]]
         return cells
 
     def cell_seeds(self) -> dict[str, int]:
@@ -173,23 +174,32 @@ def append_entries(path: Path, entries: list[dict]) -> None:
         ledger.seek(0)
         text = ledger.read()
         ledger.truncate(text.rfind(b"\n") + 1)
-        ledger.seek(0, os.SEEK_END)
-        ledger.write("".join(json.dumps(entry, sort_keys=True) + "\n" for entry in entries).encode())
         ledger.flush()
+        # one write call: a process killed while writing leaves at most a torn tail, never a torn middle
+        os.write(ledger.fileno(), "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in entries).encode())
         os.fsync(ledger.fileno())
 
 
 def replay(grid: Grid, entries: Iterable[dict]) -> PlanState:
-    """The state the ledger's entries leave (entries of other plans are refused)."""
+    """The state the ledger's entries leave (entries of other plans are refused). A look is taken when its
+    entries cover every comparison still running before it: a look a killed writer left half written is
+    decided again, from the same records, to the same decisions."""
     state = PlanState(grid)
     fingerprint = plan_fingerprint(grid)
+    by_look: dict[int, list[dict]] = {}
     for entry in entries:
         if entry["plan"] != fingerprint:
             raise LedgerError(f"the ledger of grid {grid.name} was written under another plan ({entry['plan']}), "
                               f"the grid file now has {fingerprint}: a plan is fixed before its first look; "
                               "start a new runs folder to run another plan")
-        state.decisions[entry["comparison"]] = LookDecision(**entry["result"])
-        state.looks_taken = max(state.looks_taken, entry["look"] + 1)
+        by_look.setdefault(entry["look"], []).append(entry)
+    for look in sorted(by_look):
+        decided = {entry["comparison"]: LookDecision(**entry["result"]) for entry in by_look[look]}
+        live = {c["name"] for c in grid.comparisons if not state.stopped(c["name"])}
+        if look != state.looks_taken or not live <= set(decided):
+            break
+        state.decisions.update({name: decided[name] for name in live})
+        state.looks_taken = look + 1
     return state
 
 
@@ -279,8 +289,3 @@ def _advance(grid: Grid, runs_dir: Path, cell_hashes: dict[str, str], path: Path
     if new and write:
         append_entries(path, new)
     return state
-
-
-def current_state(grid: Grid, runs_dir: Path) -> PlanState:
-    """Where the ledger says the plan stands (read only; no look is taken)."""
-    return replay(grid, read_ledger(ledger_path(runs_dir, grid.name)))

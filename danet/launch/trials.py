@@ -347,15 +347,18 @@ def drive(study: optuna.Study, plain: optuna.Study, objective: CellTrial, progre
     GridSampler stops when it has proposed every cell, while cells may still wait to be retried or be trained
     by other workers, so this worker takes the waiting ones and waits for the rest. With a plan (`rounds`), a
     round is done the same way before its look is taken and the next round's cells are proposed; cells the
-    plan stopped count as finished. `max_trials`: the study's trials across workers (MaxTrialsCallback in
-    `callbacks` stops at it). Returns the grid's standing."""
+    plan stopped count as finished; a round that ends without its look (a cell given up) ends the drive.
+    `max_trials`: a planned grid's trials across workers (MaxTrialsCallback in `callbacks` stops at it), after
+    which no later round starts. Returns the grid's standing."""
     stopped: set[str] = set()
+    finished_round = None  # the last round this worker saw finished, and the looks taken then
     while True:
         reap_dead_workers(plain, console)
         points = grid
         if rounds is not None:
             points, stopped = rounds.next_round(grid)
-            if not points:
+            this_round = (rounds.state.looks_taken, sorted(points))
+            if not points or this_round == finished_round:  # done, or its look cannot be taken (a cell given up)
                 return grid_standing(grid, plain, key_of, stopped)
             study.sampler = rounds.sampler(points)
         waiting = plain.get_trials(deepcopy=False, states=(TrialState.WAITING,))
@@ -366,11 +369,12 @@ def drive(study: optuna.Study, plain: optuna.Study, objective: CellTrial, progre
         if grid is None:
             return None
         standing = grid_standing(points, plain, key_of)
-        interrupted = n_trials is not None or objective.stop_requested or progress.stopped or \
-            (max_trials is not None and len(plain.get_trials(deepcopy=False)) >= max_trials)
-        if rounds is not None and (interrupted or not (standing.finished or standing.in_progress)):
+        interrupted = n_trials is not None or objective.stop_requested or progress.stopped
+        if rounds is not None and (interrupted or not (standing.finished or standing.in_progress) or
+                                   (max_trials is not None and len(plain.get_trials(deepcopy=False)) >= max_trials)):
             return grid_standing(grid, plain, key_of, stopped)
         if rounds is not None and standing.finished:
+            finished_round = this_round
             continue  # the round is done: its look next
         if standing.finished or not standing.in_progress or interrupted:
             return standing
