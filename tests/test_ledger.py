@@ -46,6 +46,14 @@ def _hashes(grid: Path, flags: list[str]) -> dict[str, str]:
 ROUND_1 = {"a_seed=0": 0.50, "a_seed=1": 0.50, "b_seed=0": 0.55, "b_seed=1": 0.56, "c_seed=0": 0.49, "c_seed=1": 0.48}
 
 
+def _round_1_made(tmp_path: Path):
+    """The planned grid with round 1's records made up (ROUND_1); its look not yet taken."""
+    grid_path, runs = _planned_grid(tmp_path), tmp_path / "runs"
+    flags = tiny_flags(runs)
+    made = {cell: _fabricate(runs, grid_path, cell, miou, flags) for cell, miou in ROUND_1.items()}
+    return load_grid(str(grid_path), REPO), grid_path, runs, flags, _hashes(grid_path, flags), made
+
+
 def test_interim_looks_stop_for_futility_and_spending_efficacy():
     plan = Plan((6, 8), futility=True, efficacy="spending", alpha=0.05)
     d = {"clear": np.ones(8), "null": np.array([1, -1, -1, 1, -1, -0.5, 2, 2.0]),
@@ -104,10 +112,7 @@ def test_each_look_is_decided_once_from_the_records_and_kept(tmp_path):
 
 
 def test_a_record_a_decision_used_that_disappears_or_changes_is_an_error_naming_it(tmp_path):
-    grid_path, runs = _planned_grid(tmp_path), tmp_path / "runs"
-    flags = tiny_flags(runs)
-    grid, hashes = load_grid(str(grid_path), REPO), _hashes(grid_path, flags)
-    made = {cell: _fabricate(runs, grid_path, cell, miou, flags) for cell, miou in ROUND_1.items()}
+    grid, _, runs, _, hashes, made = _round_1_made(tmp_path)
     advance(grid, runs, hashes)
     summary = made["c_seed=0"] / "summary.json"
     original = summary.read_text()
@@ -122,11 +127,7 @@ def test_a_record_a_decision_used_that_disappears_or_changes_is_an_error_naming_
 
 
 def test_a_ledger_is_kept_to_its_plan_and_survives_a_torn_last_line(tmp_path):
-    grid_path, runs = _planned_grid(tmp_path), tmp_path / "runs"
-    flags = tiny_flags(runs)
-    grid, hashes = load_grid(str(grid_path), REPO), _hashes(grid_path, flags)
-    for cell, miou in ROUND_1.items():
-        _fabricate(runs, grid_path, cell, miou, flags)
+    grid, grid_path, runs, flags, hashes, _ = _round_1_made(tmp_path)
     advance(grid, runs, hashes)
     path = ledger_path(runs, grid.name)
     with open(path, "a") as ledger:
@@ -142,11 +143,7 @@ def test_a_ledger_is_kept_to_its_plan_and_survives_a_torn_last_line(tmp_path):
 
 
 def test_a_look_left_half_written_is_decided_again_to_the_same_decisions(tmp_path):
-    grid_path, runs = _planned_grid(tmp_path), tmp_path / "runs"
-    flags = tiny_flags(runs)
-    grid, hashes = load_grid(str(grid_path), REPO), _hashes(grid_path, flags)
-    for cell, miou in ROUND_1.items():
-        _fabricate(runs, grid_path, cell, miou, flags)
+    grid, _, runs, _, hashes, _ = _round_1_made(tmp_path)
     whole = advance(grid, runs, hashes).decisions
     path = ledger_path(runs, grid.name)
     path.write_text(path.read_text().splitlines(keepends=True)[0])  # the writer died after the first comparison
@@ -205,10 +202,7 @@ def test_the_optuna_driver_runs_rounds_restarts_between_looks_and_stops_on_a_los
 
 @pytest.mark.slow
 def test_the_yaml_executor_and_run_py_respect_the_plan(tmp_path):
-    grid_path, runs = _planned_grid(tmp_path), tmp_path / "runs"
-    flags = tiny_flags(runs)
-    for cell, miou in ROUND_1.items():
-        _fabricate(runs, grid_path, cell, miou, flags)
+    _, grid_path, runs, flags, _, _ = _round_1_made(tmp_path)
     sweep = sweep_for_grid(str(grid_path), REPO) | {"program": str(REPO / "ablations" / "run.py")}
     sweep["parameters"]["wandb"]["value"] = "disabled"
     sweep["parameters"]["grid"]["value"] = str(grid_path)
