@@ -1,6 +1,6 @@
 """The published results: every committed CPU record is a complete run of a cell of its grid
 (camvid_cpu, camvid_cpu_controlled, synthetic_control) under the current preset, one record per
-cell, and each committed table (the CPU grids, the GPU check, the controlled grid under both test
+cell (for synthetic_sequential, exactly the cells its ledger ran), and each committed table (the CPU grids, the GPU check, the controlled grid under both test
 protocols, the synthetic positive control) and each folder's results page (README.md) is what the
 report command (reports/controls.py for results/controls) rebuilds from its records and the
 folder's hand-written about.md and reading.md; each published replay of a plan (reports/plan.py
@@ -16,6 +16,7 @@ import pytest
 
 from danet.config import resolve_for_dataset
 from danet.grids import load_grid
+from danet.launch.ledger import ledger_path, read_ledger, replay, verify
 from danet.paths import RESULTS_DIR
 from reports.sources import read_run_store
 from tests.conftest import GRIDS, load_script, resolve
@@ -44,6 +45,21 @@ def test_committed_records_are_cells_of_the_grid_under_the_current_preset(folder
 
 
 @pytest.mark.slow
+def test_a_sequential_studys_records_are_exactly_the_cells_its_ledger_ran():
+    grid, runs_dir = load_grid("synthetic_sequential", GRIDS), RESULTS_DIR / "synthetic_sequential" / "runs"
+    state = replay(grid, read_ledger(ledger_path(runs_dir, grid.name)))
+    assert state.next_look() is None  # the plan is done
+    seeds = state.cell_seeds()
+    ran = [cell_id for name, order in grid.seeds_in_order().items() for _, cell_id in order[:seeds[name]]]
+    runs = read_run_store(runs_dir)
+    assert (runs["status"] == "complete").all() and set(runs["grid"]) == {"synthetic_sequential"}
+    hashes = {resolve_for_dataset(resolve(["--grid", grid.name, "--cell", cell_id]), *SYNTHETIC).cell_hash()
+              for cell_id in ran}
+    assert sorted(runs["cell_hash"]) == sorted(hashes)  # no stopped cell trained, none missing, none twice
+    verify(read_ledger(ledger_path(runs_dir, grid.name)), runs_dir)  # every record a look used, unchanged
+
+
+@pytest.mark.slow
 def test_controlled_records_carry_their_grid_and_their_test_time_augmentation():
     runs = read_run_store(RESULTS_DIR / "camvid_cpu_controlled" / "runs")
     assert set(runs["design"]) == {"controlled"} and set(runs["grid"]) == {"camvid_cpu_controlled"}
@@ -65,6 +81,7 @@ PUBLISHED = [  # results folder, extra make_tables arguments, the tables it hold
     ("camvid_cpu_controlled", ["--protocol", "ms0.75-1-1.25-flip"],
      ["cells-ms0.75-1-1.25-flip", "comparisons-ms0.75-1-1.25-flip", "plan-ms0.75-1-1.25-flip"]),
     ("synthetic", [], ["cells", "comparisons"]),
+    ("synthetic_sequential", [], ["cells", "comparisons", "plan"]),
 ]
 
 
@@ -115,7 +132,7 @@ def test_the_controls_page_rebuilds(tmp_path):
     assert (tmp_path / "README.md").read_text() == (results / "README.md").read_text()
 
 
-STUDIES = ["camvid_cpu", "camvid_gpu", "camvid_cpu_controlled", "synthetic", "controls"]
+STUDIES = ["camvid_cpu", "camvid_gpu", "camvid_cpu_controlled", "synthetic", "synthetic_sequential", "controls"]
 
 
 @pytest.mark.parametrize("folder", STUDIES)
