@@ -377,7 +377,7 @@ def test_a_planned_grid_takes_its_verdicts_from_the_ledger_and_marks_a_row_stopp
     assert comparisons["verdict"].to_dict() == latest
     markdown = (out / "comparisons.md").read_text()
     assert "| futile, stopped at n = 4 (seeds 0-3) |" in markdown
-    assert "recorded in the grid's ledger" in markdown and "biased away from 0" in markdown
+    assert "recorded in the grid's ledger" in markdown and "a futility stop was selected for Δ <= 0" in markdown
     hours = pd.read_csv(out / "plan.csv").set_index("cell")
     assert hours.loc["fcn-head", ["runs", "runs_fixed", "records"]].tolist() == [4, 8, 8]
     assert hours.loc["fcn-head", "hours"] == pytest.approx((600 * 4 + 60 * 6) / 3600, rel=1e-5)
