@@ -1,7 +1,8 @@
 """The published results: every committed CPU record is a complete run of a cell of its grid
 (camvid_cpu, camvid_cpu_controlled, synthetic_control) under the current preset, one record per
-cell (for synthetic_sequential, exactly the cells its ledger ran), and each committed table (the CPU grids, the GPU check, the controlled grid under both test
-protocols, the synthetic positive control) and each folder's results page (README.md) is what the
+cell (for synthetic_sequential, exactly the cells its ledger ran), and each committed table (the
+CPU grids, the GPU check, the controlled grid under both test protocols, the synthetic positive
+control and the sequential study) and each folder's results page (README.md) is what the
 report command (reports/controls.py for results/controls) rebuilds from its records and the
 folder's hand-written about.md and reading.md; each published replay of a plan (reports/plan.py
 --replay) is what that command writes from the records."""
