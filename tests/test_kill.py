@@ -24,7 +24,8 @@ import pytest
 import yaml
 
 from danet.grids import load_grid
-from danet.launch.ledger import ledger_path, read_ledger
+from danet.launch.contract import cell_argv, target_of
+from danet.launch.ledger import PlanState, ledger_path, read_ledger, records_of, take_looks
 from tests.conftest import GRIDS, REPO, tiny_flags, write_grid
 
 OPTUNA_DRIVER = REPO / "sweeps" / "optuna_study.py"
@@ -270,14 +271,24 @@ def reference(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def planned_reference(tmp_path_factory):
-    """The same grid under a sequential plan (looks after 2 and 4 seeds, futility), its fault-free pass (the cells
-    the plan ran) and its ledger's decisions."""
-    base = tmp_path_factory.mktemp("kill-planned")
-    grid = write_grid(base / "kill.yaml", CELLS, seeds=(0, 1, 2, 3),
-                      comparisons=[{"name": "pam vs fcn", "treatment": "pam", "baseline": "fcn"}],
+def planned_reference(reference, tmp_path_factory):
+    """The same grid under a sequential plan (looks after 2 and 4 seeds, futility): the cells of the fault-free
+    pass that the plan runs and the looks it takes over their records (a cell's hash does not hold its grid, so
+    the fault-free records are the planned grid's too)."""
+    plain_grid, losses_of, _ = reference
+    grid = write_grid(tmp_path_factory.mktemp("kill-planned") / "kill.yaml", CELLS, seeds=(0, 1, 2, 3),
+                      # here PAM leads at 2 seeds, so "FCN vs PAM" stops there as futile: seeds 2 and 3 never run
+                      comparisons=[{"name": "fcn vs pam", "treatment": "fcn", "baseline": "pam"}],
                       plan={"looks": [2, 4], "futility": True, "alpha": 0.5})
-    return grid, fault_free_pass(base, grid), decisions(base / "A")
+    planned, runs = load_grid(str(grid), GRIDS), plain_grid.parent / "A"
+    hashes = {cell: target_of(cell_argv(str(grid), cell, tiny_flags(runs, *RUN_FLAGS))).cell_hash
+              for cell in planned.cells}
+    state = PlanState(planned)
+    looks = take_looks(planned, state, records_of(hashes, runs))
+    ran = {hashes[cell_id] for name, order in planned.seeds_in_order().items()
+           for _, cell_id in order[:state.cell_seeds()[name]]}
+    return grid, {cell: value for cell, value in losses_of.items() if cell in ran}, [
+        (entry["look"], entry["comparison"], entry["result"]["decision"], entry["result"]["delta"]) for entry in looks]
 
 
 def decisions(runs: Path) -> list[tuple]:
