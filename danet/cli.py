@@ -20,7 +20,6 @@ from danet.config import EXIT_FAILED, EXIT_OK, EXIT_USAGE, RunConfig, UsageError
 from danet.console import stderr_console
 from danet.grids import Evaluation, load_grid
 from danet.launch.contract import build_parser, config_from_args, plan_state, preset_for_help
-from danet.launch.ledger import LedgerError
 from danet.paths import PRESET_DIR, REPORTS_SCRIPT
 
 
@@ -59,6 +58,8 @@ def main(argv: list[str] | None = None, preset_dir: Path | None = None) -> int:
             print(f"{prog}: error: {error}", file=sys.stderr)
             return EXIT_USAGE
         return EXIT_OK
+
+    from danet.launch.ledger import LedgerError
 
     # the grid's plan: a cell it stopped is not trained. Only a lone process takes looks: the ranks of a torchrun
     # read the ledger, and a dry run writes nothing
@@ -105,6 +106,7 @@ def _run_and_report(args: argparse.Namespace, prepared, context, prog: str, usag
                     evaluations: list[Evaluation], preset_dir: Path) -> int:
     from danet import runner
     from danet.evaluation import run_grid_evaluations
+    from danet.launch.ledger import LedgerError
     from danet.tracking import STATUS_COMPLETE, RunStore
 
     console = stderr_console()

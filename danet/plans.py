@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from danet.exact_tests import sign_flip_p_values, smallest_p_value
+if TYPE_CHECKING:
+    import numpy as np
 
 TOLERANCE = 1e-12  # as the exact test: a p equal to the boundary rejects
 
@@ -48,10 +47,10 @@ class Plan:
         if not 0 < self.alpha < 1:
             raise PlanError(f"alpha {self.alpha}: between 0 and 1")
         for n, level in zip(looks, self.levels()):
-            if level and level < smallest_p_value(n):
-                smallest = next(m for m in range(1, 64) if smallest_p_value(m) <= level)
+            if level and level < 2.0 ** -n:  # the exact test's smallest p (exact_tests.smallest_p_value)
+                smallest = next(m for m in range(1, 64) if 2.0 ** -m <= level)
                 raise PlanError(f"look at {n} seeds: its efficacy level {level:.4g} is below 2^-{n} = "
-                                f"{smallest_p_value(n):.4g}, "
+                                f"{2.0 ** -n:.4g}, "
                                 f"the smallest p the exact test reaches with {n} seeds; a look meant for efficacy at "
                                 f"this level needs at least {smallest} seeds")
 
@@ -114,6 +113,10 @@ def row_p_values(differences: np.ndarray, margin: float) -> tuple[float, float, 
     """(better, worse, equivalent) one-sided exact sign-flip p-values of one comparison's differences.
     Equivalence is two one-sided tests (Schuirmann 1987): the differences shifted by +margin tested
     for mean > 0 and by -margin for mean < 0; the larger p."""
+    import numpy as np  # only once a look is decided: reading a grid (run.py --help) loads no numpy
+
+    from danet.exact_tests import sign_flip_p_values
+
     d = np.asarray(differences, dtype=float)
     p_better, p_worse, p_above, p_below = sign_flip_p_values(np.stack([d, -d, d + margin, margin - d]))
     return float(p_better), float(p_worse), float(max(p_above, p_below))

@@ -20,13 +20,15 @@ import sys
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from danet.config import SECTIONS, RunConfig, UsageError, find_yaml, load_yaml, resolve_for_dataset, resolve_run_config
 from danet.data.catalog import CLASS_COUNTS, DataError, train_images
 from danet.grids import grid_cell, load_grid
-from danet.launch.ledger import PlanState, advance
 from danet.paths import GRID_DIR, PRESET_DIR, RUN_SCRIPT
+
+if TYPE_CHECKING:
+    from danet.launch.ledger import PlanState
 
 DEFAULT_PRESET = "demo"
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
@@ -187,6 +189,8 @@ def plan_state(args: argparse.Namespace, preset_dir: Path = PRESET_DIR, environm
                                                           preset_dir, environment), world_size).cell_hash()
               for cell in grid.cells}
     runs_dir = Path(config_from_args(args, preset_dir, environment).tracking.runs_dir)
+    from danet.launch.ledger import advance  # numpy: only for a planned grid, so that --help answers at once
+
     return advance(grid, runs_dir, hashes, write=decide)
 
 
