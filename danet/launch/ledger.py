@@ -8,7 +8,7 @@ calls `advance`, which under a file lock replays the ledger, checks that every r
 used is still there unchanged (else LedgerError names it: no silent re-decision), and decides each
 look whose records are complete, once. Seeds run in rounds: round r is the seeds after look r-1 up
 to look r (seed ids in order) of the cells still running; a cell stops when every comparison it
-belongs to has stopped, and a cell in no comparison never stops.
+belongs to has stopped, and a cell in no comparison runs all of its seeds in the first round.
 """
 
 from __future__ import annotations
