@@ -13,9 +13,10 @@ import shutil
 import signal
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from rich.console import Console
@@ -62,6 +63,20 @@ EXISTS = "exists"  # a record exists and neither resume nor overwrite was asked 
 # (Slurm's warning before a time limit, `--signal`). Either way the run checkpoints at the next
 # step boundary and is recorded as preempted: resumable, not failed.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@contextmanager
+def stop_requests() -> Iterator[None]:
+    """While a run trains and until its record is written, SIGTERM and SIGUSR1 ask it to stop at its next step
+    (STOP_REQUEST) instead of ending the process: a signal that arrives while a failed run records why (torchrun
+    stops the other ranks the moment one dies) must not leave the record saying running."""
+    STOP_REQUEST.clear()
+    previous = {signum: signal.signal(signum, request_stop) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def one_line(error: BaseException) -> str:
@@ -170,7 +185,8 @@ def _follow_main(prepared: Prepared, context: distributed.Context) -> Outcome:
     if decision == "stop":
         return Outcome(argument, EXIT_OK if argument == SKIPPED else EXIT_USAGE, {}, run_dir)
     checkpoint = load_checkpoint(Path(argument)) if argument else None
-    status, exit_code, summary = _fit(prepared, NullTracker(), run_dir / "checkpoints", checkpoint, None, context)
+    with stop_requests():
+        status, exit_code, summary = _fit(prepared, NullTracker(), run_dir / "checkpoints", checkpoint, None, context)
     return Outcome(status, exit_code, summary, run_dir, summary.get("reason", ""))
 
 
@@ -196,9 +212,10 @@ def _train(store: RunStore, prepared: Prepared, checkpoint: dict | None, wandb_i
         start = f"resuming at iteration {resume_step}" if checkpoint else "starting"
         ranks = f" x {context.world_size} ranks" if context.enabled else ""
         console.print(f"{cfg.cell_name()}: {start}, {cfg.train.iterations} iterations on {info['device']}{ranks}")
-    status, exit_code, summary = _fit(prepared, tracker, store.checkpoint_dir, checkpoint, on_eval, context)
-    summary["wall_time_s"] += earlier.get("earlier_wall_time_s", 0.0)
-    tracker.finish(status, summary)
+    with stop_requests():
+        status, exit_code, summary = _fit(prepared, tracker, store.checkpoint_dir, checkpoint, on_eval, context)
+        summary["wall_time_s"] += earlier.get("earlier_wall_time_s", 0.0)
+        tracker.finish(status, summary)
     message = "" if status == STATUS_COMPLETE else f"run {status}: {summary['reason']} (record: {store.dir})"
     return Outcome(status, exit_code, store.summary, store.dir, message)
 
@@ -207,8 +224,6 @@ def _fit(prepared: Prepared, tracker: Tracker, checkpoint_dir: Path, checkpoint:
          context: distributed.Context) -> tuple[str, int, dict[str, Any]]:
     """fit() with every way a run can end turned into (status, exit code, summary)."""
     cfg, data = prepared.cfg, prepared.data
-    STOP_REQUEST.clear()
-    previous_handlers = {signum: signal.signal(signum, request_stop) for signum in STOP_SIGNALS}
     started = time.perf_counter()
     status, exit_code, summary = STATUS_FAILED, EXIT_FAILED, {}
     try:
@@ -240,9 +255,6 @@ def _fit(prepared: Prepared, tracker: Tracker, checkpoint_dir: Path, checkpoint:
                 backend in reason.lower() for backend in ("gloo", "nccl")):
             reason += " (another rank of this torchrun job probably failed first: see its output)"
         summary = {"reason": reason}
-    finally:
-        for signum, handler in previous_handlers.items():
-            signal.signal(signum, handler)
     device = prepared.device
     summary |= {"wall_time_s": time.perf_counter() - started, "peak_memory_mb": peak_memory_mb(device),
                 "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS"}
